@@ -1,0 +1,143 @@
+"""The configuration of one Non-local block: :class:`NonLocalConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["BIAS_LAYERS", "NORMS", "POOL_ORDERS", "NonLocalConfig"]
+
+POOL_ORDERS = ("after_projection", "before_projection")
+NORMS = ("batchnorm", None)
+BIAS_LAYERS = ("theta", "phi", "g", "z")
+
+
+@dataclass(frozen=True)
+class NonLocalConfig:
+    r"""Everything that fixes the numbers a Non-local block computes, except its weights.
+
+    Parameters
+    ----------
+    in_channels : int
+        C, the channels of the input ``x`` of shape (B, C, \*S).
+    inter_channels : int, optional
+        C′, the channels of θ, φ and g. Default ``max(in_channels // 2, 1)`` (the paper's C/2).
+    pairwise : str
+        One of the registered pairwise functions (see :func:`nlref.pairwise.names`):
+        ``"gaussian"``, ``"embedded_gaussian"``, ``"dot_product"``, ``"concatenation"``.
+    scale : float, optional
+        A factor multiplying θᵢᵀφⱼ (xᵢᵀxⱼ for the Gaussian) before normalisation. ``None``
+        means 1, as in the paper; 1/√C′ reproduces the Caffe2 code, mmcv and pytorchvideo,
+        1/√C reproduces timm. The concatenation variant has no θᵢᵀφⱼ term, so a scale there
+        is refused.
+    sub_sample : tuple of int, optional
+        Max-pool kernel (= stride) per spatial dim on the key side (φ and g), or ``None`` for
+        no pooling. Odd sizes are floored, as PyTorch does. Its length must equal the number
+        of spatial dims of ``x``; this is checked in :func:`nlref.forward`.
+    pool_order : {"after_projection", "before_projection"}
+        ``"after_projection"``: φ = pool(W_φ x), g = pool(W_g x) (the paper, AlexHex7, mmcv).
+        ``"before_projection"``: φ = W_φ pool(x), g = W_g pool(x) (the authors' Caffe2 code,
+        pytorchvideo, SlowFast). The two differ because max does not commute with a
+        mixed-sign projection.
+    norm : {"batchnorm", None}
+        Batch norm after W_z, or nothing.
+    bn_eps, bn_momentum : float
+        As in ``torch.nn.BatchNorm*d``.
+    biases : tuple of str
+        The layers among ``("theta", "phi", "g", "z")`` that have a bias. A layer not listed
+        has no bias, and its ``<layer>.bias`` key must be absent from the params (mmcv, for
+        example, has no ``z.bias`` when a norm follows).
+
+    Examples
+    --------
+    >>> import nlref
+    >>> cfg = nlref.NonLocalConfig(in_channels=64, pairwise="dot_product", sub_sample=(2, 2))
+    >>> cfg.inter_channels
+    32
+    """
+
+    in_channels: int
+    inter_channels: int | None = None
+    pairwise: str = "embedded_gaussian"
+    scale: float | None = None
+    sub_sample: tuple[int, ...] | None = None
+    pool_order: str = "after_projection"
+    norm: str | None = "batchnorm"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    biases: tuple[str, ...] = field(default=BIAS_LAYERS)
+
+    def __post_init__(self) -> None:
+        from .pairwise import get as _get_pairwise  # late import: the registry imports layers
+
+        _check_positive_int("in_channels", self.in_channels)
+        if self.inter_channels is None:
+            object.__setattr__(self, "inter_channels", max(self.in_channels // 2, 1))
+        _check_positive_int("inter_channels", self.inter_channels)
+
+        variant = _get_pairwise(self.pairwise)  # raises ValueError listing the names
+
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise TypeError(f"scale must be a float or None, got {self.scale!r}")
+            if not math.isfinite(self.scale) or self.scale <= 0:
+                raise ValueError(f"scale must be a finite positive float, got {self.scale!r}")
+            if not variant.uses_scale:
+                raise ValueError(
+                    f"pairwise={self.pairwise!r} has no θᵢᵀφⱼ term for a scale to multiply; "
+                    f"use scale=None (got scale={self.scale!r})"
+                )
+            object.__setattr__(self, "scale", float(self.scale))
+
+        if self.sub_sample is not None:
+            if isinstance(self.sub_sample, int) or not isinstance(self.sub_sample, (tuple, list)):
+                raise TypeError(
+                    "sub_sample must be None or one int per spatial dim, e.g. (2, 2); "
+                    f"got {self.sub_sample!r}"
+                )
+            ks = tuple(self.sub_sample)
+            if not 1 <= len(ks) <= 3:
+                raise ValueError(
+                    f"sub_sample must have 1 to 3 entries (one per spatial dim), got {ks!r}"
+                )
+            for k in ks:
+                if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                    raise ValueError(f"sub_sample entries must be ints >= 1, got {ks!r}")
+            object.__setattr__(self, "sub_sample", ks)
+
+        if self.pool_order not in POOL_ORDERS:
+            raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {self.pool_order!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not (isinstance(self.bn_eps, (int, float)) and self.bn_eps > 0):
+            raise ValueError(f"bn_eps must be a positive float, got {self.bn_eps!r}")
+        if not (isinstance(self.bn_momentum, (int, float)) and 0 <= self.bn_momentum <= 1):
+            raise ValueError(f"bn_momentum must be a float in [0, 1], got {self.bn_momentum!r}")
+
+        if isinstance(self.biases, str) or not isinstance(self.biases, (tuple, list, set)):
+            raise TypeError(f"biases must be a tuple of layer names, got {self.biases!r}")
+        unknown = [b for b in self.biases if b not in BIAS_LAYERS]
+        if unknown:
+            raise ValueError(
+                f"biases may only name layers in {BIAS_LAYERS}, got unknown {unknown!r}"
+            )
+        object.__setattr__(self, "biases", tuple(b for b in BIAS_LAYERS if b in self.biases))
+
+    @property
+    def effective_scale(self) -> float:
+        """The factor applied to θᵢᵀφⱼ: ``scale``, or 1.0 when ``scale`` is None."""
+        return 1.0 if self.scale is None else self.scale
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the pairwise function uses the θ and φ projections (all but Gaussian)."""
+        from .pairwise import get as _get_pairwise
+
+        return _get_pairwise(self.pairwise).embeds
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,204 @@
+"""Parameter layout of a Non-local block: names, shapes, initialisation and validation.
+
+Names are PyTorch-like so that state_dicts map cleanly:
+
+=====================================  ===========  =======================================
+name                                   shape        note
+=====================================  ===========  =======================================
+``theta.weight``, ``theta.bias``       (C′, C), C′  absent for the Gaussian
+``phi.weight``, ``phi.bias``           (C′, C), C′  absent for the Gaussian
+``g.weight``, ``g.bias``               (C′, C), C′
+``concat.weight``                      (2C′,)       concatenation only; [w_θ; w_φ]
+``z.weight``, ``z.bias``               (C, C′), C
+``bn.weight``, ``bn.bias``             (C,)         ``norm="batchnorm"`` only
+``bn.running_mean``, ``bn.running_var``  (C,)       buffers, not trained
+=====================================  ===========  =======================================
+
+A ``<layer>.bias`` key exists exactly when ``layer`` is in ``cfg.biases``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._backend import Array, namespace, namespace_of_mapping
+from .config import NonLocalConfig
+from .pairwise import get as get_pairwise
+
+__all__ = [
+    "BUFFERS",
+    "SCHEMES",
+    "check_params",
+    "init_params",
+    "param_shapes",
+    "trainable_names",
+]
+
+BUFFERS = ("bn.running_mean", "bn.running_var")
+SCHEMES = ("paper", "random")
+
+
+def param_shapes(cfg: NonLocalConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer the block with config ``cfg`` expects, with its shape.
+
+    The order is canonical (θ, φ, g, the variant's own, z, bn) and is the order of the
+    gradients returned by :func:`nlref.backward`.
+    """
+    c, ci = cfg.in_channels, cfg.inter_channels
+    variant = get_pairwise(cfg.pairwise)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(layer: str, c_out: int, c_in: int) -> None:
+        shapes[f"{layer}.weight"] = (c_out, c_in)
+        if layer in cfg.biases:
+            shapes[f"{layer}.bias"] = (c_out,)
+
+    if variant.embeds:
+        linear("theta", ci, c)
+        linear("phi", ci, c)
+    linear("g", ci, c)
+    shapes.update(variant.extra_params(ci))
+    linear("z", c, ci)
+    if cfg.norm == "batchnorm":
+        for name in ("bn.weight", "bn.bias", *BUFFERS):
+            shapes[name] = (c,)
+    return shapes
+
+
+def trainable_names(cfg: NonLocalConfig) -> tuple[str, ...]:
+    """The names :func:`nlref.backward` returns gradients for (all but the BN buffers)."""
+    return tuple(n for n in param_shapes(cfg) if n not in BUFFERS)
+
+
+def init_params(
+    cfg: NonLocalConfig,
+    rng: int | np.random.Generator | None = 0,
+    *,
+    dtype: str = "float64",
+    xp: Any = None,
+    device: Any = None,
+    scheme: str = "paper",
+    weight_std: float = 0.01,
+) -> dict[str, Array]:
+    """Create the parameters of a block.
+
+    Parameters
+    ----------
+    cfg : NonLocalConfig
+    rng : int, numpy.random.Generator or None
+        Seed or generator. Random numbers always come from NumPy and are then moved to
+        ``xp`` with ``xp.asarray``, so a seed gives the same values on every backend.
+    dtype : {"float64", "float32"}
+    xp : array namespace, optional
+        Where to put the arrays (``numpy``, ``cupy``, ``array_api_strict``, ...). Default NumPy.
+    device : optional
+        Passed to ``xp.asarray``.
+    scheme : {"paper", "random"}
+        ``"paper"`` follows the paper and the authors' code: 1×1 weights (and
+        ``concat.weight``) drawn from N(0, weight_std²), biases 0, BN β = 0, running
+        mean 0, running variance 1, and BN γ = 0, or W_z = 0 when ``norm=None``. The block is
+        then exactly the identity.
+        ``"random"`` draws every parameter and buffer non-degenerately (weights
+        N(0, 1/fan_in), biases N(0, 0.5²), γ ∈ [0.5, 1.5], running variance ∈ [0.5, 2]) so
+        that no gradient is trivially zero: use it for gradient checks and comparisons.
+    weight_std : float
+        Standard deviation of the 1×1 weights under ``scheme="paper"``.
+
+    Returns
+    -------
+    dict
+        Name -> array, with the keys of :func:`param_shapes`.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if xp is None:
+        xp = namespace(np.empty(0))
+    host: dict[str, np.ndarray] = {}
+    for name, shape in param_shapes(cfg).items():
+        host[name] = _draw(name, shape, cfg, gen, scheme, weight_std)
+    target = getattr(xp, dtype)
+    kwargs = {} if device is None else {"device": device}
+    return {name: xp.asarray(value, dtype=target, **kwargs) for name, value in host.items()}
+
+
+def _draw(
+    name: str,
+    shape: tuple[int, ...],
+    cfg: NonLocalConfig,
+    gen: np.random.Generator,
+    scheme: str,
+    weight_std: float,
+) -> np.ndarray:
+    layer, kind = name.split(".", 1)
+    if scheme == "random":
+        if kind == "weight" and layer == "bn":
+            return gen.uniform(0.5, 1.5, shape)
+        if kind == "weight":
+            fan_in = shape[1] if len(shape) == 2 else shape[0] // 2
+            return gen.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+        if kind == "running_var":
+            return gen.uniform(0.5, 2.0, shape)
+        return gen.normal(0.0, 0.5, shape)  # biases, BN beta, running mean
+    # the paper's initialisation: the block starts as the identity
+    if kind == "running_var":
+        return np.ones(shape)
+    if kind == "weight" and layer != "bn":
+        if layer == "z" and cfg.norm is None:
+            return np.zeros(shape)
+        return gen.normal(0.0, weight_std, shape)
+    return np.zeros(shape)  # biases, BN gamma and beta, running mean
+
+
+def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> Any:
+    """Check ``params`` against ``cfg`` and ``x``; return the shared array namespace.
+
+    Raises
+    ------
+    TypeError
+        If ``params`` is not a mapping, or a value is not an array of ``x``'s library and
+        dtype.
+    ValueError
+        If a parameter is missing, unexpected, or mis-shaped. The message names it.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in params]
+    unexpected = [n for n in params if n not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        hint = ""
+        if any(n.endswith(".bias") for n in missing + unexpected):
+            hint = f" (cfg.biases={cfg.biases} decides which layers have a bias)"
+        raise ValueError(
+            f"params do not match cfg (pairwise={cfg.pairwise!r}, norm={cfg.norm!r}): "
+            + "; ".join(parts)
+            + f"{hint}. Expected exactly {list(expected)}"
+        )
+    for name, shape in expected.items():
+        value = params[name]
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"parameter {name!r} must be an array, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"parameter {name!r} must have shape {shape} "
+                f"(C={cfg.in_channels}, C′={cfg.inter_channels}), got {tuple(value.shape)}"
+            )
+    xp = namespace_of_mapping(x, {n: params[n] for n in expected})
+    for name in expected:
+        if params[name].dtype != x.dtype:
+            raise TypeError(
+                f"parameter {name!r} has dtype {params[name].dtype} but x has dtype {x.dtype}; "
+                "nlref does not promote silently: cast the params or x so that they match"
+            )
+    return xp
