@@ -185,8 +185,8 @@ def gradcheck(
         dout = new_array(gen.standard_normal(tuple(out.shape)), out)
     dout_snapshot = to_numpy(dout).copy()
     grads = dict(backward(dout, cache))
-    failures = _extra_checks(forward, backward, inputs, wrt, out, cache, dout, grads)
-    if failures:  # gradients of the wrong shape cannot be compared
+    failures = _structure_checks(inputs, wrt, grads)
+    if failures:  # missing gradients, or gradients of the wrong shape, cannot be compared
         result = GradcheckResult(mode=mode, args={}, failures=failures)
         if raise_on_failure:
             raise GradcheckError(result)
@@ -221,6 +221,7 @@ def gradcheck(
             report = _jacobian(name, a, inputs, forward, backward, cache, out, eps, rtol, atol)
         reports[name] = report
 
+    failures += _behaviour_checks(forward, backward, inputs, wrt, out, cache, dout, grads)
     for name, before in snapshot.items():
         if not np.array_equal(before, to_numpy(inputs[name]), equal_nan=True):
             failures.append(f"input {name!r} was mutated by forward or backward")
@@ -295,16 +296,10 @@ def _jacobian(
     return _compare(name, numerical, analytical, (n_out, *a.shape), rtol, atol)
 
 
-def _extra_checks(
-    forward: ForwardFn,
-    backward: BackwardFn,
-    inputs: dict[str, Array],
-    wrt: list[str],
-    out: Array,
-    cache: Any,
-    dout: Array,
-    grads: dict[str, Array],
+def _structure_checks(
+    inputs: dict[str, Array], wrt: list[str], grads: dict[str, Array]
 ) -> list[str]:
+    """A gradient for every argument, with the argument's shape and dtype."""
     failures = []
     for name in wrt:
         if name not in grads:
@@ -315,8 +310,21 @@ def _extra_checks(
             failures.append(f"gradient of {name!r} has shape {tuple(g.shape)}, input {a.shape}")
         if g.dtype != a.dtype:
             failures.append(f"gradient of {name!r} has dtype {g.dtype}, input {a.dtype}")
-    if failures:
-        return failures
+    return failures
+
+
+def _behaviour_checks(
+    forward: ForwardFn,
+    backward: BackwardFn,
+    inputs: dict[str, Array],
+    wrt: list[str],
+    out: Array,
+    cache: Any,
+    dout: Array,
+    grads: dict[str, Array],
+) -> list[str]:
+    """Zero in, zero out; deterministic backward and forward."""
+    failures = []
     xp = namespace(out)
     zero = backward(xp.zeros_like(dout), cache)
     for name in wrt:
