@@ -27,9 +27,9 @@ class NonLocalConfig:
         ``"gaussian"``, ``"embedded_gaussian"``, ``"dot_product"``, ``"concatenation"``.
     scale : float, optional
         A factor multiplying θᵢᵀφⱼ (xᵢᵀxⱼ for the Gaussian) before normalisation. ``None``
-        means 1, as in the paper; 1/√C′ reproduces the Caffe2 code, mmcv and pytorchvideo,
-        1/√C reproduces timm. The concatenation variant has no θᵢᵀφⱼ term, so a scale there
-        is refused.
+        means 1, as in the paper; 1/√C′ reproduces the softmax modes of the Caffe2 code, mmcv
+        and pytorchvideo, 1/√C reproduces timm (their dot-product modes are unscaled). The
+        concatenation variant has no θᵢᵀφⱼ term, so a scale there is refused.
     sub_sample : tuple of int, optional
         Max-pool kernel (= stride) per spatial dim on the key side (φ and g), or ``None`` for
         no pooling. Odd sizes are floored, as PyTorch does. Its length must equal the number
@@ -37,8 +37,8 @@ class NonLocalConfig:
     pool_order : {"after_projection", "before_projection"}
         ``"after_projection"``: φ = pool(W_φ x), g = pool(W_g x) (the paper, AlexHex7, mmcv).
         ``"before_projection"``: φ = W_φ pool(x), g = W_g pool(x) (the authors' Caffe2 code,
-        pytorchvideo, SlowFast). The two differ because max does not commute with a
-        mixed-sign projection.
+        pytorchvideo, SlowFast). The two differ because max does not commute with a 1×1
+        projection that mixes channels.
     norm : {"batchnorm", None}
         Batch norm after W_z, or nothing.
     bn_eps, bn_momentum : float

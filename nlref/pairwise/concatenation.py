@@ -13,9 +13,9 @@ The projection of a concatenation splits into two projections:
                                + \underbrace{w_\phi^\top\phi_j}_{b_j},\qquad
     A_{ij} = \frac{\mathrm{ReLU}(a_i + b_j)}{N'}.
 
-a (B, N) and b (B, N′) cost O(B·C′·(N + N′)); the pre-activation a_i + b_j is the only
-N×N′ array, so memory is O(B·N·N′) instead of the O(B·2C′·N·N′) of AlexHex7 and mmcv,
-which build the concatenated tensor explicitly.
+a (B, N) and b (B, N′) cost O(B·C′·(N + N′)); every other array (the pre-activation
+a_i + b_j, its ReLU mask, the attention) is B×N×N′, so memory is O(B·N·N′) instead of
+the O(B·2C′·N·N′) of AlexHex7 and mmcv, which build the concatenated tensor explicitly.
 
 Backward
 --------
@@ -69,7 +69,7 @@ def forward(
     w_theta, w_phi = w[:c_inter], w[c_inter:]
     a = xp.matmul(w_theta, theta)  # (C',) @ (B, C', N) -> (B, N)
     b = xp.matmul(w_phi, phi)  # (C',) @ (B, C', N') -> (B, N')
-    pre = a[:, :, None] + b[:, None, :]  # (B, N, N'), the only N x N' temporary
+    pre = a[:, :, None] + b[:, None, :]  # (B, N, N'): no C' axis anywhere
     active = pre > 0
     n_keys = phi.shape[-1]
     attention = xp.where(active, pre, xp.zeros_like(pre)) / n_keys

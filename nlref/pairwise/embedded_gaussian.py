@@ -11,7 +11,8 @@ Forward
     A_{ij} = \frac{\exp s_{ij}}{\sum_k \exp s_{ik}} = \operatorname{softmax}_j(s_i)
 
 so C(x) = Σⱼ f(xᵢ, xⱼ) and every row of A sums to 1. This is exactly
-``scaled_dot_product_attention`` with queries θᵀ, keys φᵀ and values gᵀ.
+``scaled_dot_product_attention`` with queries θᵀ, keys φᵀ, values gᵀ and ``scale=α`` passed
+explicitly (its default is 1/√C′, not the paper's 1).
 
 Backward
 --------
