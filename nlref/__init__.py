@@ -22,7 +22,7 @@ from .block import BlockCache, apply_buffer_updates, backward, forward
 from .config import NonLocalConfig
 from .gradcheck import GradcheckError, GradcheckResult, gradcheck, gradcheck_block
 from .params import BUFFERS, init_params, param_shapes, trainable_names
-from .sampling import draw_smooth_input, nonsmooth_margin
+from .sampling import draw_smooth_case, draw_smooth_input, nonsmooth_margin
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "__version__",
     "apply_buffer_updates",
     "backward",
+    "draw_smooth_case",
     "draw_smooth_input",
     "forward",
     "gradcheck",

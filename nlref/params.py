@@ -102,7 +102,7 @@ def init_params(
         mean 0, running variance 1, and BN γ = 0, or W_z = 0 when ``norm=None``. The block is
         then exactly the identity.
         ``"random"`` draws every parameter and buffer non-degenerately (weights
-        N(0, 1/fan_in), biases N(0, 0.5²), γ ∈ [0.5, 1.5], running variance ∈ [0.5, 2]) so
+        N(0, 1/fan_in), biases N(0, 0.2²), γ ∈ [0.5, 1.5], running variance ∈ [0.5, 2]) so
         that no gradient is trivially zero: use it for gradient checks and comparisons.
     weight_std : float
         Standard deviation of the 1×1 weights under ``scheme="paper"``.
@@ -144,7 +144,7 @@ def _draw(
             return gen.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
         if kind == "running_var":
             return gen.uniform(0.5, 2.0, shape)
-        return gen.normal(0.0, 0.5, shape)  # biases, BN beta, running mean
+        return gen.normal(0.0, 0.2, shape)  # biases, BN beta, running mean
     # the paper's initialisation: the block starts as the identity
     if kind == "running_var":
         return np.ones(shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -20,7 +21,7 @@ from .config import NonLocalConfig
 from .layers import maxpool, projection
 from .pairwise import get as get_pairwise
 
-__all__ = ["draw_smooth_input", "nonsmooth_margin"]
+__all__ = ["draw_smooth_case", "draw_smooth_input", "nonsmooth_margin"]
 
 
 def nonsmooth_margin(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig) -> float:
@@ -30,11 +31,17 @@ def nonsmooth_margin(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig)
     max-pool window, and |w_θᵀθᵢ + w_φᵀφⱼ| for every pair (concatenation). ``inf`` when the
     block has neither pooling nor ReLU.
     """
+    return _smoothness(x, params, cfg)[0]
+
+
+def _smoothness(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig) -> tuple[float, float]:
+    """(nonsmooth margin, smallest per-sample fraction of active concatenation ReLUs)."""
     xp = namespace(x)
     variant = get_pairwise(cfg.pairwise)
     b = x.shape[0]
     kernel = cfg.sub_sample
     margins = [math.inf]
+    active = 1.0
 
     def project(layer: str, inp: Array) -> Array:
         flat = xp.reshape(inp, (inp.shape[0], inp.shape[1], -1))
@@ -66,8 +73,10 @@ def nonsmooth_margin(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig)
         phi = xp.reshape(phi, (b, ci, -1))
         a = xp.matmul(w[:ci], theta)  # (B, N)
         bb = xp.matmul(w[ci:], phi)  # (B, N')
-        margins.append(float(xp.min(xp.abs(a[:, :, None] + bb[:, None, :]))))
-    return min(margins)
+        pre = a[:, :, None] + bb[:, None, :]
+        margins.append(float(xp.min(xp.abs(pre))))
+        active = float(xp.min(xp.mean(xp.astype(pre > 0, x.dtype), axis=(1, 2))))
+    return min(margins), active
 
 
 def draw_smooth_input(
@@ -77,9 +86,14 @@ def draw_smooth_input(
     rng: int | np.random.Generator | None = 0,
     *,
     margin: float = 1e-4,
+    min_active: float = 0.1,
     max_tries: int = 500,
 ) -> Array:
     """Draw x ~ N(0, 1) of ``shape`` whose :func:`nonsmooth_margin` is at least ``margin``.
+
+    For the concatenation variant the draw must also keep at least ``min_active`` of each
+    sample's ReLUs active: with a dead ReLU, θ, φ, g, w_f and W_z get exactly zero
+    gradients and a gradient check of them would check nothing.
 
     The array has the library, device and dtype of ``params`` (random numbers come from
     NumPy and are moved with ``xp.asarray``).
@@ -87,21 +101,59 @@ def draw_smooth_input(
     Raises
     ------
     RuntimeError
-        If no draw in ``max_tries`` reaches the margin (use a smaller input or margin).
+        If no draw in ``max_tries`` satisfies both (use a smaller input or margin, or other
+        parameters).
     """
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     like = next(iter(params.values()))
     xp = namespace(like)
-    best = 0.0
+    best, best_active = 0.0, 0.0
     for _ in range(max_tries):
         x = xp.asarray(
             gen.standard_normal(shape), dtype=like.dtype, device=array_api_compat.device(like)
         )
-        got = nonsmooth_margin(x, params, cfg)
-        if got >= margin:
+        got, active = _smoothness(x, params, cfg)
+        if got >= margin and active >= min_active:
             return x
-        best = max(best, got)
+        best, best_active = max(best, got), max(best_active, active)
     raise RuntimeError(
         f"no input of shape {shape} in {max_tries} draws kept a distance of {margin} from "
-        f"every max-pool tie and ReLU kink (best {best:.2e}); use a smaller shape or margin"
+        f"every max-pool tie and ReLU kink (best {best:.2e}) with at least {min_active:.0%} of "
+        f"the ReLUs active (best {best_active:.0%}); use a smaller shape or margin, or "
+        "other parameters"
     )
+
+
+def draw_smooth_case(
+    cfg: NonLocalConfig,
+    shape: tuple[int, ...],
+    rng: int | np.random.Generator | None = 0,
+    *,
+    xp: Any = None,
+    dtype: str = "float64",
+    max_param_draws: int = 20,
+    **kwargs: Any,
+) -> tuple[dict[str, Array], Array]:
+    """Random non-degenerate parameters and a smooth input x for a gradient check.
+
+    Draws ``init_params(cfg, gen, scheme="random", xp=xp, dtype=dtype)`` and then x with
+    :func:`draw_smooth_input` (``kwargs`` go there). When no such x exists for those
+    parameters (a concatenation ReLU that is nearly dead for every x), the parameters are
+    drawn again, up to ``max_param_draws`` times.
+
+    Returns
+    -------
+    params : dict
+    x : array of ``shape``
+    """
+    from .params import init_params
+
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    for attempt in range(max_param_draws):
+        params = init_params(cfg, gen, scheme="random", xp=xp, dtype=dtype)
+        try:
+            return params, draw_smooth_input(cfg, params, shape, gen, **kwargs)
+        except RuntimeError:
+            if attempt == max_param_draws - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -72,7 +72,7 @@ def test_refuses_float32(xp):
         "x": arr(xp, np.ones((2, 4, 5)), np.float32),
         "w": arr(xp, np.ones((3, 4)), np.float32),
     }
-    with pytest.raises(TypeError, match="float64.*float32.*'x'"):
+    with pytest.raises(TypeError, match=r"float64.*float32.*'x'"):
         nlref.gradcheck(fwd, bwd, inputs)
 
 
