@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 import nlref
-from nlref import cli
+from nlref import cli, commands
 from nlref import pairwise as registry
+from nlref.commands import gradcheck as gc
 from nlref.pairwise import PairwiseGrads
 
 from .conftest import require
@@ -196,8 +197,8 @@ def test_full_grid(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 def test_iter_cases_refuses_no_scale_for_variants_without_one() -> None:
     for name in NAMES:
         variant = registry.get(name)
-        scales = {c.cfg.scale for c in cli.iter_cases([name], [1], full=True)}
-        assert scales == ({None, cli.FULL_SCALE} if variant.uses_scale else {None})
+        scales = {c.cfg.scale for c in gc.iter_cases([name], [1], full=True)}
+        assert scales == ({None, gc.FULL_SCALE} if variant.uses_scale else {None})
 
 
 # ----------------------------------------------------------------------- JSON
@@ -317,10 +318,10 @@ def test_exception_in_backward_is_an_error_row(
 
 def test_degenerate_concatenation_draws_are_redrawn() -> None:
     """A dead ReLU makes the check vacuous; draw_case redraws until attention is alive."""
-    xp = cli.load_backend("numpy")
+    xp = commands.load_backend("numpy")
     for seed in range(8):
-        for case in cli.iter_cases(["concatenation"], [1, 2, 3]):
-            params, x = cli.draw_case(case, xp, seed)
+        for case in gc.iter_cases(["concatenation"], [1, 2, 3]):
+            params, x = gc.draw_case(case, xp, seed)
             _, cache = nlref.forward(x, params, case.cfg, training=case.training)
             active = (nlref.to_numpy(cache.attention) != 0).mean(axis=(1, 2))
             assert active.min() >= 0.1  # draw_smooth_input's min_active
@@ -338,14 +339,14 @@ def test_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 def test_unavailable_backend_exits_2_with_a_message(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_import = cli.importlib.import_module
+    real_import = commands.importlib.import_module
 
     def fake_import(name: str, *args: Any) -> Any:
         if name == "array_api_strict":
             raise ImportError("No module named 'array_api_strict'")
         return real_import(name, *args)
 
-    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    monkeypatch.setattr(commands.importlib, "import_module", fake_import)
     code, out, err = run(capsys, "gradcheck", "--backend", "array_api_strict")
     assert code == 2
     assert "backend 'array_api_strict' is not available" in err
