@@ -32,6 +32,8 @@ residual), so its gradient is the sum of four terms:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,8 +42,16 @@ from typing import Any
 from ._backend import Array, namespace
 from .config import NonLocalConfig
 from .layers import aggregate, batchnorm, maxpool, projection
+from .pairwise import PairwiseGrads
 from .pairwise import get as get_pairwise
 from .params import check_params, param_shapes
+from .perf import (
+    AttentionNotStoredError,
+    AttentionPlan,
+    available_memory,
+    chunk_memory,
+    plan_attention,
+)
 
 __all__ = ["BlockCache", "apply_buffer_updates", "backward", "forward"]
 
@@ -53,6 +63,57 @@ class BranchCache:
     input_pool: maxpool.MaxPoolCache | None  # pool before the projection (shared pool of x)
     projection: projection.ProjectionCache | None
     output_pool: maxpool.MaxPoolCache | None  # pool after the projection
+
+
+@dataclass(frozen=True)
+class ChunkedAttentionCache:
+    r"""The attention evaluated in blocks of queries, and recomputed block by block.
+
+    Row i of the attention depends on θᵢ and on all of φ only (each pairwise function
+    normalises one query row at a time), so for a block of queries Q = [i₀, i₁)
+
+    .. math::
+
+        A_Q = f(\theta_Q, \phi) / C(x)_Q,\qquad y_Q = g\,A_Q^\top,
+
+    and the backward of a block is the unchunked backward applied to that block:
+
+    .. math::
+
+        \bar A_Q = \bar y_Q^\top g,\qquad \bar g = \sum_Q \bar y_Q A_Q,\qquad
+        (\bar\theta_Q, \bar\phi_Q, \bar w_Q) = \text{variant.backward}(\bar A_Q),\qquad
+        \bar\phi = \sum_Q \bar\phi_Q.
+
+    Attributes
+    ----------
+    theta : array (B, C′, N)
+    phi, values : arrays (B, C′, N′)
+        φ and g (for the Gaussian, θ = x and φ = P(x), with C channels).
+    extra : dict
+        The variant's own weights (``concat.weight``).
+    scale : float
+    chunk_size : int
+        Queries per block (the last block may be shorter).
+    """
+
+    pairwise: str
+    theta: Array
+    phi: Array
+    values: Array
+    extra: dict[str, Array]
+    scale: float
+    chunk_size: int
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """The query blocks [i₀, i₁), in order."""
+        n, k = self.theta.shape[-1], self.chunk_size
+        return [(i, min(i + k, n)) for i in range(0, n, k)]
+
+    def block(self, start: int, stop: int) -> tuple[Array, Any]:
+        """The attention rows ``start:stop`` (B, stop − start, N′) and the variant's cache."""
+        variant = get_pairwise(self.pairwise)
+        theta_rows = self.theta[:, :, start:stop]  # (B, C', stop - start)
+        return variant.forward(theta_rows, self.phi, self.extra, self.scale)
 
 
 @dataclass(frozen=True)
@@ -70,15 +131,23 @@ class BlockCache:
     theta, phi, g : BranchCache
         The query branch and the two key-side branches. A shared pool of x (pool before
         projection, and the Gaussian's φ = pool(x)) appears as ``input_pool``.
-    pairwise : object
-        The variant's own cache.
-    aggregate, z : caches of y = g Aᵀ and of W_z y + b_z.
+    pairwise : object or None
+        The variant's own cache; None when the queries ran in chunks.
+    aggregate : AggregateCache or None
+        The cache of y = g Aᵀ (it holds the attention); None when the queries ran in chunks.
+    z : cache of W_z y + b_z.
     bn : BatchNormCache or None
     updated_buffers : dict
         ``{"bn.running_mean": ..., "bn.running_var": ...}`` after a training-mode forward
         with batch norm (PyTorch's update, unbiased variance, momentum ``cfg.bn_momentum``);
         empty otherwise. ``forward`` never mutates ``params``: apply these yourself, or call
         :func:`apply_buffer_updates`.
+    plan : AttentionPlan or None
+        How the attention was evaluated: all queries at once (``plan.materialised``) or in
+        ``plan.n_chunks`` blocks of ``plan.chunk_size`` queries, and why.
+    chunked : ChunkedAttentionCache or None
+        θ, φ, g and the variant's weights, from which the backward recomputes each block of
+        the attention; None when the attention was materialised.
     """
 
     cfg: NonLocalConfig
@@ -90,19 +159,59 @@ class BlockCache:
     phi: BranchCache
     g: BranchCache
     pairwise: Any
-    aggregate: aggregate.AggregateCache
+    aggregate: aggregate.AggregateCache | None
     z: projection.ProjectionCache
     bn: batchnorm.BatchNormCache | None
     updated_buffers: dict[str, Array] = field(default_factory=dict)
+    plan: AttentionPlan | None = None
+    chunked: ChunkedAttentionCache | None = None
 
     @property
     def attention(self) -> Array:
-        """The normalised pairwise weights f / C(x), of shape (B, N, N′)."""
+        """The normalised pairwise weights f / C(x), of shape (B, N, N′).
+
+        Raises
+        ------
+        AttentionNotStoredError
+            (an ``AttributeError``) when the forward ran in chunks of queries and never held
+            the whole array; the message says how to get it.
+        """
+        if self.aggregate is None:
+            b, _, *spatial = self.input_shape
+            n, n_keys = math.prod(spatial), math.prod(self.key_shape)
+            plan = self.plan
+            raise AttentionNotStoredError(
+                f"the attention (B, N, N′) = ({b}, {n}, {n_keys}) was not materialised: "
+                f"forward evaluated the queries in {plan.n_chunks} chunks of "
+                f"{plan.chunk_size} ({plan.reason}), and backward recomputes each chunk. "
+                "Use cache.attention_rows(start, stop) for a block of query rows, or run "
+                f"forward(..., chunk_size={n}) to materialise all of it"
+            )
         return self.aggregate.attention
+
+    def attention_rows(self, start: int, stop: int) -> Array:
+        """Rows ``start:stop`` of the attention, shape (B, stop − start, N′).
+
+        A slice of the cached attention when it was materialised; otherwise recomputed from
+        θ and φ with the same formula as the forward (exact, like the chunks themselves).
+        """
+        n = math.prod(self.input_shape[2:])
+        if not (0 <= start < stop <= n):
+            raise ValueError(f"expected 0 <= start < stop <= N={n}, got start={start}, stop={stop}")
+        if self.aggregate is not None:
+            return self.aggregate.attention[:, start:stop, :]
+        rows, _ = self.chunked.block(start, stop)
+        return rows
 
 
 def forward(
-    x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, training: bool = True
+    x: Array,
+    params: Mapping[str, Array],
+    cfg: NonLocalConfig,
+    training: bool = True,
+    *,
+    chunk_size: int | None = None,
+    memory_limit: int | None = None,
 ) -> tuple[Array, BlockCache]:
     """Run the Non-local block.
 
@@ -115,13 +224,32 @@ def forward(
     cfg : NonLocalConfig
     training : bool
         Batch norm mode: batch statistics (True) or running statistics (False).
+    chunk_size : int or None
+        Evaluate the attention in blocks of this many queries, and recompute each block in
+        the backward instead of caching the (B, N, N′) attention: exact (every pairwise
+        function normalises each query row on its own), in O(B·chunk_size·N′) memory.
+        ``chunk_size >= N`` means all queries at once. None (default): all at once when the
+        attention needs at most :data:`nlref.perf.ATTENTION_MEMORY_LIMIT` bytes (256 MiB)
+        and fits in memory, else blocks of about :data:`nlref.perf.CHUNK_MEMORY` bytes
+        (8 MiB; :data:`nlref.perf.CHUNK_MEMORY_GPU`, 256 MiB, for CuPy arrays).
+    memory_limit : int or None
+        Bytes the block may use; None: what the system reports available
+        (:func:`nlref.perf.available_memory`). Checked against an estimate before anything
+        is allocated.
 
     Returns
     -------
     z : array, shape (B, C, *S)
     cache : BlockCache
-        ``cache.attention`` is (B, N, N′); ``cache.updated_buffers`` holds the new BN
-        running statistics in training mode. Neither x nor params is mutated.
+        ``cache.attention`` is (B, N, N′) when it was materialised (``cache.plan`` says);
+        ``cache.updated_buffers`` holds the new BN running statistics in training mode.
+        Neither x nor params is mutated.
+
+    Raises
+    ------
+    MemoryLimitError
+        When even the smallest chunked evaluation would not fit in ``memory_limit`` (or in
+        the memory available), before anything is allocated.
     """
     _check_config(cfg)
     xp = _check_x(x, cfg)
@@ -132,6 +260,18 @@ def forward(
     b, c, *spatial = x.shape
     spatial = tuple(spatial)
     kernel = cfg.sub_sample
+    key_shape = spatial if kernel is None else maxpool.output_size(spatial, kernel)
+    if memory_limit is not None and (isinstance(memory_limit, bool) or memory_limit < 1):
+        raise ValueError(f"memory_limit must be None or a positive int, got {memory_limit!r}")
+    plan = plan_attention(
+        tuple(x.shape),
+        math.prod(key_shape),
+        cfg.inter_channels,
+        _itemsize(xp, x.dtype),
+        chunk_size=chunk_size,
+        available=available_memory(x) if memory_limit is None else int(memory_limit),
+        block_bytes=chunk_memory(x),
+    )
     xf = xp.reshape(x, (b, c, math.prod(spatial)))  # (B, C, N)
 
     def project(layer: str, inp: Array) -> tuple[Array, projection.ProjectionCache]:
@@ -141,7 +281,6 @@ def forward(
         out, pool_cache = maxpool.forward(xp.reshape(u, (b, u.shape[1], *spatial)), kernel)
         return xp.reshape(out, (b, u.shape[1], -1)), pool_cache
 
-    key_shape = spatial if kernel is None else maxpool.output_size(spatial, kernel)
     before = kernel is not None and cfg.pool_order == "before_projection"
     pooled_x, pool_x = None, None
     if kernel is not None and (before or not variant.embeds):
@@ -167,8 +306,28 @@ def forward(
     g, g_cache = key_branch("g")  # values (B, C', N')
 
     extra = {name: params[name] for name in variant.extra_params(cfg.inter_channels)}
-    attention, pairwise_cache = variant.forward(theta, phi, extra, cfg.effective_scale)
-    y, aggregate_cache = aggregate.forward(attention, g)  # (B, C', N)
+    pairwise_cache, aggregate_cache, chunked = None, None, None
+    if plan.materialised:
+        attention, pairwise_cache = variant.forward(theta, phi, extra, cfg.effective_scale)
+        y, aggregate_cache = aggregate.forward(attention, g)  # (B, C', N)
+        del attention  # held by the caches
+    else:  # the same formulas on blocks of query rows; nothing of size N x N' is kept
+        chunked = ChunkedAttentionCache(
+            pairwise=cfg.pairwise,
+            theta=theta,
+            phi=phi,
+            values=g,
+            extra=extra,
+            scale=cfg.effective_scale,
+            chunk_size=plan.chunk_size,
+        )
+        y_blocks = []
+        for start, stop in chunked.bounds():
+            attention_rows, _ = chunked.block(start, stop)  # (B, stop - start, N')
+            y_blocks.append(aggregate.forward(attention_rows, g)[0])  # (B, C', stop - start)
+            del attention_rows
+        y = xp.concat(y_blocks, axis=2)  # (B, C', N)
+        del y_blocks
     w, z_cache = project("z", y)  # (B, C, N)
 
     bn_cache, updated = None, {}
@@ -188,7 +347,8 @@ def forward(
                 "bn.running_mean": bn_cache.running_mean,
                 "bn.running_var": bn_cache.running_var,
             }
-    z = xp.reshape(w + xf, tuple(x.shape))  # residual connection
+    w += xf  # residual connection, in place: w is an array forward made itself
+    z = xp.reshape(w, tuple(x.shape))
 
     cache = BlockCache(
         cfg=cfg,
@@ -204,6 +364,8 @@ def forward(
         z=z_cache,
         bn=bn_cache,
         updated_buffers=updated,
+        plan=plan,
+        chunked=chunked,
     )
     return z, cache
 
@@ -226,7 +388,9 @@ def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
         BN running statistics), in the canonical order of :func:`nlref.param_shapes`.
     """
     if not isinstance(cache, BlockCache):
-        raise TypeError(f"cache must be the BlockCache returned by forward, got {type(cache)}")
+        raise TypeError(
+            f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
+        )
     xp = _check_dz(dz, cache)
     cfg = cache.cfg
     variant = get_pairwise(cfg.pairwise)
@@ -261,8 +425,13 @@ def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
         grads["bn.weight"], grads["bn.bias"] = bn_grads.dweight, bn_grads.dbias
         dw = bn_grads.dh
     dy = unproject("z", dw, cache.z)  # (B, C', N)
-    dattention, dg = aggregate.backward(dy, cache.aggregate)  # y = g A^T
-    pair_grads = variant.backward(dattention, cache.pairwise)
+    if cache.chunked is None:
+        dattention, dg = aggregate.backward(dy, cache.aggregate)  # y = g A^T
+        # dattention is a new array made here: the variant may work in its memory
+        pair_grads = variant.backward(dattention, cache.pairwise, **_handed_over(variant))
+        del dattention
+    else:
+        pair_grads, dg = _chunked_attention_backward(dy, cache.chunked)
     grads.update(pair_grads.dextra)
 
     dx_theta = branch_backward("theta", pair_grads.dtheta, cache.theta)
@@ -274,12 +443,67 @@ def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
     return xp.reshape(dx, cache.input_shape), {n: grads[n] for n in order}
 
 
+def _chunked_attention_backward(
+    dy: Array, chunked: ChunkedAttentionCache
+) -> tuple[PairwiseGrads, Array]:
+    """Backward of the attention and of y = g Aᵀ, one block of queries at a time.
+
+    Each block's attention is recomputed from θ and φ, then differentiated with the
+    unchunked formulas; θ's gradient is the concatenation of the blocks', while φ, g and
+    the variant's weights sum their blocks' gradients.
+    """
+    xp = namespace(dy)
+    variant = get_pairwise(chunked.pairwise)
+    dtheta_blocks = []
+    dphi, dg, dextra = None, None, {}
+    for start, stop in chunked.bounds():
+        attention_rows, pairwise_cache = chunked.block(start, stop)  # recomputed
+        aggregate_cache = aggregate.AggregateCache(attention=attention_rows, values=chunked.values)
+        dattention_rows, dg_part = aggregate.backward(dy[:, :, start:stop], aggregate_cache)
+        del attention_rows, aggregate_cache
+        part = variant.backward(dattention_rows, pairwise_cache, **_handed_over(variant))
+        del dattention_rows, pairwise_cache
+        dtheta_blocks.append(part.dtheta)  # (B, C', stop - start)
+        # sums over blocks, in place on the first block's arrays (made by the backward)
+        if dphi is None:
+            dphi, dg, dextra = part.dphi, dg_part, dict(part.dextra)
+        else:
+            dphi += part.dphi
+            dg += dg_part
+            for name, value in part.dextra.items():
+                dextra[name] += value
+    dtheta = xp.concat(dtheta_blocks, axis=2)  # (B, C', N)
+    return PairwiseGrads(dtheta=dtheta, dphi=dphi, dextra=dextra), dg
+
+
+def _handed_over(variant: Any) -> dict[str, bool]:
+    """``{"overwrite_input": True}`` when the variant's backward accepts that keyword (it
+    may then compute in the memory of the array the block made and hands over)."""
+    return {"overwrite_input": True} if _accepts_overwrite(variant.backward) else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_overwrite(function: Any) -> bool:
+    try:
+        return "overwrite_input" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read: hand nothing over
+        return False
+
+
+def _itemsize(xp: Any, dtype: Any) -> int:
+    return 4 if dtype == xp.float32 else 8
+
+
 def apply_buffer_updates(params: Mapping[str, Array], cache: BlockCache) -> dict[str, Array]:
     """Return a new params dict with the BN running statistics from ``cache`` applied.
 
     ``params`` itself is not modified. Without batch norm, or after an eval-mode forward,
     the result equals ``params``.
     """
+    if not isinstance(cache, BlockCache):
+        raise TypeError(
+            f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
+        )
     new = dict(params)
     new.update(cache.updated_buffers)
     return new
@@ -305,7 +529,7 @@ def _check_x(x: Array, cfg: NonLocalConfig) -> Any:
         )
     if any(s == 0 for s in shape):
         raise ValueError(f"x must not be empty: got shape {shape}")
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not xp.isdtype(x.dtype, "real floating") or x.dtype not in (xp.float32, xp.float64):
         raise TypeError(f"x must have a real floating dtype (float32 or float64), got {x.dtype}")
     spatial = shape[2:]
     if cfg.sub_sample is not None:

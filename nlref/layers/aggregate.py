@@ -37,7 +37,9 @@ class AggregateCache:
 def forward(attention: Array, values: Array) -> tuple[Array, AggregateCache]:
     """Return ``y = g Aᵀ`` of shape (B, C′, N) and the cache."""
     xp = namespace(attention, values)
-    y = xp.matmul(values, xp.matrix_transpose(attention))  # (B, C', N') @ (B, N', N)
+    # y = g A^T, computed as y^T = A g^T: the same product, with the (N, N') operand in
+    # its own row-major layout (faster for BLAS when C' is small); y is a transposed view
+    y = xp.matrix_transpose(xp.matmul(attention, xp.matrix_transpose(values)))
     return y, AggregateCache(attention=attention, values=values)
 
 
@@ -46,5 +48,8 @@ def backward(dy: Array, cache: AggregateCache) -> tuple[Array, Array]:
     xp = namespace(dy)
     # forward was: y = g A^T
     dattention = xp.matmul(xp.matrix_transpose(dy), cache.values)  # (B, N, C') @ (B, C', N')
-    dvalues = xp.matmul(dy, cache.attention)  # (B, C', N) @ (B, N, N')
+    # dg = dy A, computed as dg^T = A^T dy^T (faster for BLAS); a transposed view
+    dvalues = xp.matrix_transpose(
+        xp.matmul(xp.matrix_transpose(cache.attention), xp.matrix_transpose(dy))
+    )  # (B, C', N')
     return dattention, dvalues

@@ -100,17 +100,20 @@ def forward(
                 "use training=False or a larger batch"
             )
         mean = xp.mean(h, axis=(0, 2))
-        centered = h - mean[:, None]
-        var = xp.mean(centered * centered, axis=(0, 2))  # biased, mean of squared deviations
+        normalised = h - mean[:, None]  # centred, a new array: normalised in place below
+        # biased variance, the mean of squared deviations: sum over N as one vecdot per
+        # (b, c), then over B
+        var = xp.sum(xp.vecdot(normalised, normalised, axis=-1), axis=0) / m
         inv_std = 1.0 / xp.sqrt(var + eps)
-        normalised = centered * inv_std[:, None]
+        normalised *= inv_std[:, None]
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * (var * (m / (m - 1)))
     else:
         inv_std = 1.0 / xp.sqrt(running_var + eps)
         normalised = (h - running_mean[:, None]) * inv_std[:, None]
         new_mean, new_var = running_mean, running_var
-    out = weight[:, None] * normalised + bias[:, None]
+    out = weight[:, None] * normalised
+    out += bias[:, None]  # in place: out is ours
     cache = BatchNormCache(
         training=training,
         normalised=normalised,
@@ -126,16 +129,19 @@ def backward(dout: Array, cache: BatchNormCache) -> BatchNormGrads:
     """Backward of :func:`forward` for the upstream gradient ``dout`` (B, C, N)."""
     xp = namespace(dout)
     xhat = cache.normalised
-    dweight = xp.sum(dout * xhat, axis=(0, 2))
+    dweight = xp.sum(xp.vecdot(dout, xhat, axis=-1), axis=0)  # sum over (B, N) of dout xhat
     dbias = xp.sum(dout, axis=(0, 2))
-    dxhat = dout * cache.weight[:, None]  # forward was: out = gamma * xhat + beta
+    # forward was: out = gamma * xhat + beta, so dxhat = gamma * dout and, summed over
+    # (B, N), mean(dxhat) = gamma * dbias / M and mean(dxhat * xhat) = gamma * dweight / M
+    gamma_inv_std = cache.weight * cache.inv_std  # (C,)
     if cache.training:
         # forward was: xhat = (h - mean(h)) / sqrt(var(h) + eps), mean and var over (B, N)
-        mean_dxhat = xp.mean(dxhat, axis=(0, 2))
-        mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=(0, 2))
-        dh = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * cache.inv_std[
-            :, None
-        ]
+        m = dout.shape[0] * dout.shape[2]
+        # dh = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        #    = gamma * inv_std * (dout - dbias / M - xhat * dweight / M)
+        dh = dout - xhat * (dweight / m)[:, None]  # a new array: finished in place
+        dh -= (dbias / m)[:, None]
+        dh *= gamma_inv_std[:, None]
     else:
-        dh = dxhat * cache.inv_std[:, None]  # forward was: xhat = (h - mu_r) * inv_std
+        dh = dout * gamma_inv_std[:, None]  # forward was: xhat = (h - mu_r) * inv_std
     return BatchNormGrads(dh=dh, dweight=dweight, dbias=dbias)

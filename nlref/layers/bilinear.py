@@ -16,6 +16,9 @@ Backward
 
     \bar\theta_b = \alpha\, \phi_b\, \bar s_b^\top \quad (C′, N),\qquad
     \bar\phi_b = \alpha\, \theta_b\, \bar s_b \quad (C′, N′)
+
+The factor α multiplies the (C′, N) or (C′, N′) operand, never the (N, N′) product: the
+same numbers up to rounding, for a fraction of the work.
 """
 
 from __future__ import annotations
@@ -39,9 +42,8 @@ class BilinearCache:
 def forward(theta: Array, phi: Array, scale: float = 1.0) -> tuple[Array, BilinearCache]:
     """Return ``s = scale * θᵀ φ`` of shape (B, N, N′) and the cache."""
     xp = namespace(theta, phi)
-    s = xp.matmul(xp.matrix_transpose(theta), phi)  # (B, N, C') @ (B, C', N') -> (B, N, N')
-    if scale != 1.0:
-        s = s * scale
+    scaled_theta = theta if scale == 1.0 else scale * theta  # (B, C', N): cheaper than s
+    s = xp.matmul(xp.matrix_transpose(scaled_theta), phi)  # (B, N, C') @ (B, C', N')
     return s, BilinearCache(theta=theta, phi=phi, scale=scale)
 
 
@@ -49,9 +51,11 @@ def backward(ds: Array, cache: BilinearCache) -> tuple[Array, Array]:
     """Return ``(dθ, dφ)`` for the upstream gradient ``ds`` of shape (B, N, N′)."""
     xp = namespace(ds)
     # forward was: s = scale * theta^T phi
-    dtheta = xp.matmul(cache.phi, xp.matrix_transpose(ds))  # (B, C', N') @ (B, N', N)
-    dphi = xp.matmul(cache.theta, ds)  # (B, C', N) @ (B, N, N')
-    if cache.scale != 1.0:
-        dtheta = dtheta * cache.scale
-        dphi = dphi * cache.scale
+    alpha = cache.scale
+    phi = cache.phi if alpha == 1.0 else alpha * cache.phi
+    theta = cache.theta if alpha == 1.0 else alpha * cache.theta
+    # dtheta = phi ds^T, computed as dtheta^T = ds phi^T (ds in its row-major layout)
+    dtheta = xp.matrix_transpose(xp.matmul(ds, xp.matrix_transpose(phi)))  # (B, C', N)
+    # dphi = theta ds, computed as dphi^T = ds^T theta^T (faster for BLAS)
+    dphi = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(ds), xp.matrix_transpose(theta)))
     return dtheta, dphi

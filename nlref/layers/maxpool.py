@@ -99,8 +99,10 @@ def backward(dout: Array, cache: MaxPoolCache) -> Array:
     k_total = math.prod(kernel)
     # forward was: out = max over the last axis of windows (B, C, *S_out, K)
     slots = xp.arange(k_total, device=array_api_compat.device(dout))
-    hit = xp.astype(slots == cache.argmax[..., None], dout.dtype)  # one-hot (B, C, *S_out, K)
-    dwindows = hit * dout[..., None]
+    hit = slots == cache.argmax[..., None]  # one-hot mask (B, C, *S_out, K)
+    # a select, not hit * dout: 0 * inf = NaN would leak an inf or NaN gradient into the
+    # window's other positions, which PyTorch leaves at 0
+    dwindows = xp.where(hit, dout[..., None], xp.zeros_like(dout)[..., None])
     dwindows = xp.reshape(dwindows, (b, c, *out_sp, *kernel))
     inverse = tuple(sorted(range(2 + 2 * d), key=_window_perm(d).__getitem__))
     dcrop = xp.reshape(

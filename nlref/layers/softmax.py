@@ -19,6 +19,9 @@ With :math:`\partial P_{ij}/\partial s_{ik} = P_{ij}(\delta_{jk} - P_{ik})`:
 
     \bar s_{ik} = \sum_j \bar P_{ij} P_{ij}(\delta_{jk} - P_{ik})
                = P_{ik}\Big(\bar P_{ik} - \sum_j \bar P_{ij} P_{ij}\Big)
+
+Implementation: the row sums Σⱼ P̄ᵢⱼPᵢⱼ are one ``vecdot`` (no (N, N′) temporary), and the
+normalisation and the final product run in place on arrays this module allocated.
 """
 
 from __future__ import annotations
@@ -37,16 +40,39 @@ class SoftmaxCache:
     weights: Array  # (B, N, N'), rows sum to 1
 
 
-def forward(s: Array) -> tuple[Array, SoftmaxCache]:
-    """Softmax of ``s`` over its last axis, with the row max subtracted first."""
+def forward(s: Array, *, overwrite_input: bool = False) -> tuple[Array, SoftmaxCache]:
+    """Softmax of ``s`` over its last axis, with the row max subtracted first.
+
+    With ``overwrite_input=True`` the caller hands ``s`` over as scratch space: the row max
+    is subtracted from it in place (one (B, N, N′) array fewer); it is never modified
+    otherwise.
+    """
     xp = namespace(s)
-    e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
-    p = e / xp.sum(e, axis=-1, keepdims=True)
+    row_max = xp.max(s, axis=-1, keepdims=True)  # m_i
+    if overwrite_input:
+        s -= row_max
+        shifted = s
+    else:
+        shifted = s - row_max
+    p = xp.exp(shifted)  # exp(s_ij - m_i) <= 1: a new array
+    del shifted
+    p *= 1.0 / xp.sum(p, axis=-1, keepdims=True)  # in place: p is ours; (B, N, 1) reciprocals
     return p, SoftmaxCache(weights=p)
 
 
-def backward(dp: Array, cache: SoftmaxCache) -> Array:
-    """Gradient with respect to the logits, given the gradient ``dp`` of the weights."""
+def backward(dp: Array, cache: SoftmaxCache, *, overwrite_input: bool = False) -> Array:
+    """Gradient with respect to the logits, given the gradient ``dp`` of the weights.
+
+    With ``overwrite_input=True`` the result is computed in ``dp``'s memory (and returned);
+    ``dp`` is never modified otherwise.
+    """
     xp = namespace(dp)
     p = cache.weights
-    return p * (dp - xp.sum(dp * p, axis=-1, keepdims=True))
+    row_dot = xp.vecdot(dp, p, axis=-1)[..., None]  # sum_j dP_ij P_ij, (B, N, 1)
+    if overwrite_input:
+        dp -= row_dot
+        ds = dp
+    else:
+        ds = dp - row_dot  # a new array
+    ds *= p  # in place: ds is ours (or handed over)
+    return ds

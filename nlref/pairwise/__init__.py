@@ -9,7 +9,9 @@ and pool(x)) to the normalised attention A = f / C(x) of shape (B, N, N′), and
 
 - ``forward(theta, phi, extra, scale) -> (attention, cache)``, where ``extra`` maps the
   names of the variant's own parameters (:attr:`Pairwise.extra_params`) to arrays;
-- ``backward(dattention, cache) -> PairwiseGrads``.
+- ``backward(dattention, cache) -> PairwiseGrads``. A backward that also accepts the
+  keyword ``overwrite_input`` gets ``overwrite_input=True`` from the block, which hands
+  over the array it made itself: the variant may then compute in its memory.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Pairwise:
     uses_scale: bool
     softmax: bool
     forward: Callable[[Array, Array, Mapping[str, Array], float], tuple[Array, Any]]
-    backward: Callable[[Array, Any], PairwiseGrads]
+    backward: Callable[..., PairwiseGrads]
     extra_params: Callable[[int], dict[str, tuple[int, ...]]] = lambda inter_channels: {}
 
 

@@ -34,6 +34,11 @@ With the ReLU mask :math:`m_{ij} = [a_i + b_j > 0]` and
     \bar w_{\phi,c} = \sum_{b,j} \phi_{b,c,j}\,\bar b_{b,j}.
 
 ReLU is not differentiable at 0; like PyTorch we use the subgradient 0 there.
+
+Implementation: since N′ > 0, ReLU(u)/N′ = ReLU(u/N′), so the 1/N′ is applied to a and b
+(O(N + N′)) rather than to the (B, N, N′) array, and the ReLU mask is read off A itself
+(A > 0 exactly where a_i + b_j > 0), so the cache holds no mask: only two (B, N, N′)
+arrays are made in the forward, and two in the backward.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class ConcatenationCache:
     theta: Array  # (B, C', N)
     phi: Array  # (B, C', N')
     weight: Array  # (2C',)
-    active: Array  # (B, N, N') bool, a_i + b_j > 0
+    attention: Array  # (B, N, N'), ReLU(a_i + b_j) / N': positive exactly where a_i + b_j > 0
 
 
 def forward(
@@ -67,13 +72,12 @@ def forward(
     w = extra[WEIGHT]
     c_inter = theta.shape[1]
     w_theta, w_phi = w[:c_inter], w[c_inter:]
-    a = xp.matmul(w_theta, theta)  # (C',) @ (B, C', N) -> (B, N)
-    b = xp.matmul(w_phi, phi)  # (C',) @ (B, C', N') -> (B, N')
-    pre = a[:, :, None] + b[:, None, :]  # (B, N, N'): no C' axis anywhere
-    active = pre > 0
     n_keys = phi.shape[-1]
-    attention = xp.where(active, pre, xp.zeros_like(pre)) / n_keys
-    return attention, ConcatenationCache(theta=theta, phi=phi, weight=w, active=active)
+    a = xp.matmul(w_theta, theta) / n_keys  # (C',) @ (B, C', N) -> (B, N), over N'
+    b = xp.matmul(w_phi, phi) / n_keys  # (C',) @ (B, C', N') -> (B, N'), over N'
+    pre = a[:, :, None] + b[:, None, :]  # (B, N, N'): no C' axis anywhere
+    attention = xp.maximum(pre, 0.0)  # ReLU; NaN propagates, as in PyTorch's ReLU
+    return attention, ConcatenationCache(theta=theta, phi=phi, weight=w, attention=attention)
 
 
 def backward(dattention: Array, cache: ConcatenationCache) -> PairwiseGrads:
@@ -81,10 +85,11 @@ def backward(dattention: Array, cache: ConcatenationCache) -> PairwiseGrads:
     xp = namespace(dattention)
     n_keys = cache.phi.shape[-1]
     c_inter = cache.theta.shape[1]
-    # forward was: A = relu(a_i + b_j) / N'
-    dpre = xp.where(cache.active, dattention, xp.zeros_like(dattention)) / n_keys
-    da = xp.sum(dpre, axis=2)  # (B, N)
-    db = xp.sum(dpre, axis=1)  # (B, N')
+    # forward was: A = relu(a_i + b_j) / N'; the mask is A > 0 (or NaN, which PyTorch's
+    # ReLU backward also lets through)
+    dpre = xp.where(cache.attention <= 0, 0.0, dattention)  # m_ij dA_ij
+    da = xp.sum(dpre, axis=2) / n_keys  # (B, N)
+    db = xp.sum(dpre, axis=1) / n_keys  # (B, N')
     # forward was: a = w_theta^T theta, b = w_phi^T phi
     w_theta, w_phi = cache.weight[:c_inter], cache.weight[c_inter:]
     dtheta = w_theta[None, :, None] * da[:, None, :]  # (B, C', N)

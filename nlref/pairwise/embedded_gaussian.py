@@ -51,13 +51,19 @@ def forward(
 ) -> tuple[Array, SoftmaxAttentionCache]:
     """A = softmax_j(scale · θᵢᵀφⱼ), of shape (B, N, N′)."""
     s, logits_cache = bilinear.forward(theta, phi, scale)
-    attention, softmax_cache = softmax.forward(s)
+    # s is a new array made here: the softmax may shift it in place
+    attention, softmax_cache = softmax.forward(s, overwrite_input=True)
     return attention, SoftmaxAttentionCache(logits=logits_cache, softmax=softmax_cache)
 
 
-def backward(dattention: Array, cache: SoftmaxAttentionCache) -> PairwiseGrads:
-    """Gradients of θ and φ from the gradient of the attention."""
-    ds = softmax.backward(dattention, cache.softmax)
+def backward(
+    dattention: Array, cache: SoftmaxAttentionCache, *, overwrite_input: bool = False
+) -> PairwiseGrads:
+    """Gradients of θ and φ from the gradient of the attention.
+
+    ``overwrite_input=True`` lets the softmax backward work in ``dattention``'s memory.
+    """
+    ds = softmax.backward(dattention, cache.softmax, overwrite_input=overwrite_input)
     dtheta, dphi = bilinear.backward(ds, cache.logits)
     return PairwiseGrads(dtheta=dtheta, dphi=dphi)
 
