@@ -56,8 +56,8 @@ def namespace_of_mapping(first: Array, named: dict[str, Array]) -> Any:
             array_api_compat.array_namespace(first, value)
         except TypeError:
             raise TypeError(
-                f"parameter {name!r} is a {_library_name(value)} array but x is a "
-                f"{_library_name(first)} array; all arrays in one call must come from "
+                f"parameter {name!r} is an array of type {_library_name(value)} but x is "
+                f"of type {_library_name(first)}; all arrays in one call must come from "
                 "the same array library"
             ) from None
     return xp_first

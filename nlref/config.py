@@ -109,9 +109,9 @@ class NonLocalConfig:
             raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {self.pool_order!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not (isinstance(self.bn_eps, (int, float)) and self.bn_eps > 0):
-            raise ValueError(f"bn_eps must be a positive float, got {self.bn_eps!r}")
-        if not (isinstance(self.bn_momentum, (int, float)) and 0 <= self.bn_momentum <= 1):
+        if not (_is_number(self.bn_eps) and math.isfinite(self.bn_eps) and self.bn_eps > 0):
+            raise ValueError(f"bn_eps must be a finite positive float, got {self.bn_eps!r}")
+        if not (_is_number(self.bn_momentum) and 0 <= self.bn_momentum <= 1):
             raise ValueError(f"bn_momentum must be a float in [0, 1], got {self.bn_momentum!r}")
 
         if isinstance(self.biases, str) or not isinstance(self.biases, (tuple, list, set)):
@@ -134,6 +134,10 @@ class NonLocalConfig:
         from .pairwise import get as _get_pairwise
 
         return _get_pairwise(self.pairwise).embeds
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive_int(name: str, value: object) -> None:
