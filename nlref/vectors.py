@@ -1,0 +1,444 @@
+r"""Golden vectors: nlref's forward and backward, written for any framework to test against.
+
+:func:`write` produces one ``.npz`` file per case (every pairwise variant × preset × a few
+input shapes, 1-D to 3-D with odd sizes, pooling on and off, batch norm in training and eval
+mode) and a ``manifest.json``; :func:`check` re-verifies a directory. Each file holds,
+in float64:
+
+===========================  =========================================================
+key                          array
+===========================  =========================================================
+``x``                        the input, (B, C, \*S)
+``dz``                       the upstream gradient ∂L/∂z, like x
+``z``                        the output, like x
+``attention``                f / C(x), (B, N, N′), rows = query positions, C order
+``dx``                       ∂L/∂x
+``param/<name>``             every parameter and BN buffer, nlref names and shapes
+``grad/<name>``              ∂L/∂<name> for every trainable parameter
+``buffers_after/<name>``     BN running statistics after a training-mode forward
+===========================  =========================================================
+
+Parameter names and shapes are those of :func:`nlref.param_shapes` (1×1 conv weights as
+(C_out, C_in); ``concat.weight`` (2C′,) = [w_θ; w_φ]). Files are plain ``.npz`` (zip of
+``.npy``), readable with ``numpy.load(path, allow_pickle=False)``, cnpy (C++), ndarray-npy
+(Rust) or ``jnp.load``; nothing needs pickle. The manifest records each case's config and,
+per tensor, the recommended tolerances for a float64 and a float32 implementation:
+``|got − want| ≤ atol + rtol·|want|`` elementwise. See ``docs/vectors.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .block import backward, forward
+from .config import NonLocalConfig
+from .params import BUFFERS
+from .presets import PRESETS
+from .presets import get as get_preset
+from .presets import preset as make_preset
+from .sampling import draw_smooth_case
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "VERSION",
+    "Case",
+    "CheckResult",
+    "check",
+    "iter_cases",
+    "load_case",
+    "write",
+]
+
+FORMAT = "nlref-golden-vectors"
+VERSION = 1
+MANIFEST = "manifest.json"
+BATCH = 2
+CHANNELS = 6
+#: Input spatial shapes per number of spatial dims (odd sizes: max-pool floors).
+SHAPES: dict[int, tuple[tuple[int, ...], ...]] = {
+    1: ((7,),),
+    2: ((5, 6),),
+    3: ((3, 4, 5),),
+}
+#: Extra shapes for presets that support a single number of dims (timm 2-D, video 3-D).
+EXTRA_SHAPES: dict[int, tuple[int, ...]] = {2: (4, 7), 3: (2, 5, 7)}
+F64_RTOL = 1e-9
+F32_RTOL = 1e-4
+F32_SCALE_ATOL = 1e-5  # float32 atol is at least this times max |want|
+F32_MARGIN = 10.0  # ... and at least this times nlref's own float32 error
+#: float64 atol is also at least this times nlref's float32 error: that error times
+#: eps64/eps32 = 2**-29 estimates float64 rounding, with a margin of 1000 (it matters for
+#: gradients that are zero by construction, where any implementation leaves rounding noise)
+F64_FROM_F32 = 1000.0 * 2.0**-29
+#: Absolute floors (inputs and parameters are O(1), so are the outputs).
+F64_ATOL_FLOOR = 1e-13
+F32_ATOL_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    """One golden-vector case."""
+
+    name: str
+    preset: str
+    cfg: NonLocalConfig
+    training: bool
+    shape: tuple[int, ...]
+
+    @property
+    def seed(self) -> int:
+        """A seed fixed by the case's name, so that a case always holds the same numbers."""
+        return zlib.crc32(self.name.encode())
+
+
+def _x(sizes: Iterable[int]) -> str:
+    return "x".join(str(s) for s in sizes)
+
+
+def iter_cases(
+    presets: Iterable[str] | None = None, pairwise: Iterable[str] | None = None
+) -> Iterator[Case]:
+    """Every case: preset × its variants × shapes × pooling (off, its kernel) × BN mode.
+
+    Parameters
+    ----------
+    presets, pairwise : iterables of str, optional
+        Restrict to these preset names / variant names (default all).
+    """
+    wanted_presets = None if presets is None else {get_preset(p).name for p in presets}
+    names = [n for n in PRESETS if wanted_presets is None or n in wanted_presets]
+    wanted = None if pairwise is None else set(pairwise)
+    for name in names:
+        p = PRESETS[name]
+        for variant in p.pairwise:
+            if wanted is not None and variant not in wanted:
+                continue
+            for dims in p.dims:
+                shapes = list(SHAPES[dims])
+                if len(p.dims) == 1:
+                    shapes.append(EXTRA_SHAPES[dims])
+                for spatial in shapes:
+                    pools: list[bool] = [False] + ([True] if dims in p.kernels else [])
+                    for pooled in pools:
+                        norms = [p.norm] if name != "mmcv" else [None, "batchnorm"]
+                        for norm in norms:
+                            cfg = make_preset(
+                                name,
+                                CHANNELS,
+                                dims=dims,
+                                pairwise=variant,
+                                sub_sample=pooled,
+                                norm=norm,
+                            )
+                            modes = [True, False] if norm is not None else [True]
+                            for training in modes:
+                                pool = "pool" + _x(cfg.sub_sample) if pooled else "nopool"
+                                bn = (
+                                    "nonorm"
+                                    if norm is None
+                                    else ("bntrain" if training else "bneval")
+                                )
+                                case_name = f"{name}-{variant}-{_x(spatial)}-{pool}-{bn}"
+                                shape = (BATCH, CHANNELS, *spatial)
+                                yield Case(case_name, name, cfg, training, shape)
+
+
+def _config_dict(cfg: NonLocalConfig) -> dict[str, Any]:
+    return {
+        "in_channels": cfg.in_channels,
+        "inter_channels": cfg.inter_channels,
+        "pairwise": cfg.pairwise,
+        "scale": cfg.scale,
+        "sub_sample": None if cfg.sub_sample is None else list(cfg.sub_sample),
+        "pool_order": cfg.pool_order,
+        "norm": cfg.norm,
+        "bn_eps": cfg.bn_eps,
+        "bn_momentum": cfg.bn_momentum,
+        "biases": list(cfg.biases),
+    }
+
+
+def _config_from_dict(d: Mapping[str, Any]) -> NonLocalConfig:
+    d = dict(d)
+    if d.get("sub_sample") is not None:
+        d["sub_sample"] = tuple(d["sub_sample"])
+    d["biases"] = tuple(d["biases"])
+    return NonLocalConfig(**d)
+
+
+def _compute(
+    cfg: NonLocalConfig,
+    x: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    dz: np.ndarray,
+    training: bool,
+) -> dict[str, np.ndarray]:
+    """Every output array of a case, keyed as in the files."""
+    z, cache = forward(x, params, cfg, training=training)
+    dx, grads = backward(dz, cache)
+    n = math.prod(x.shape[2:])
+    attention = cache.attention_rows(0, n) if hasattr(cache, "attention_rows") else cache.attention
+    out = {"z": z, "attention": attention, "dx": dx}
+    out.update({f"grad/{k}": v for k, v in grads.items()})
+    out.update({f"buffers_after/{k}": v for k, v in cache.updated_buffers.items()})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _case_arrays(case: Case) -> dict[str, np.ndarray]:
+    gen = np.random.default_rng(case.seed)
+    # away from max-pool ties and ReLU kinks, with a live concatenation ReLU: a float32
+    # implementation must not land on the other side of a kink
+    params, x = draw_smooth_case(case.cfg, case.shape, gen, margin=1e-3)
+    dz = gen.standard_normal(case.shape)
+    arrays = {"x": np.asarray(x), "dz": dz}
+    arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
+    arrays.update(_compute(case.cfg, arrays["x"], params, dz, case.training))
+    return arrays
+
+
+_INPUTS = ("x", "dz")
+
+
+def _outputs(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    return [k for k in arrays if k not in _INPUTS and not k.startswith("param/")]
+
+
+def _tolerances(case: Case, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per output tensor: float64 and float32 (rtol, atol), from nlref's own float32 run."""
+    params32 = {
+        k[len("param/") :]: v.astype(np.float32)
+        for k, v in arrays.items()
+        if k.startswith("param/")
+    }
+    got32 = _compute(
+        case.cfg,
+        arrays["x"].astype(np.float32),
+        params32,
+        arrays["dz"].astype(np.float32),
+        case.training,
+    )
+    tol = {}
+    for key in _outputs(arrays):
+        want = arrays[key]
+        scale = float(np.max(np.abs(want), initial=0.0))
+        err32 = float(np.max(np.abs(got32[key].astype(np.float64) - want), initial=0.0))
+        tol[key] = {
+            "max_abs": scale,
+            "float64": {
+                "rtol": F64_RTOL,
+                "atol": max(F64_RTOL * scale, F64_FROM_F32 * err32, F64_ATOL_FLOOR),
+            },
+            "float32": {
+                "rtol": F32_RTOL,
+                "atol": max(F32_MARGIN * err32, F32_SCALE_ATOL * scale, F32_ATOL_FLOOR),
+                "nlref_float32_max_abs_err": err32,
+            },
+        }
+    return tol
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(
+    out_dir: str | os.PathLike[str],
+    presets: Iterable[str] | None = None,
+    pairwise: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Write every case of :func:`iter_cases` to ``out_dir`` and return the manifest.
+
+    ``out_dir`` is created if needed; files of the same names are overwritten.
+    """
+    from . import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for case in iter_cases(presets, pairwise):
+        arrays = _case_arrays(case)
+        path = out / f"{case.name}.npz"
+        with path.open("wb") as fh:
+            np.savez(fh, **arrays)
+        cases.append(
+            {
+                "name": case.name,
+                "file": path.name,
+                "sha256": _sha256(path),
+                "preset": case.preset,
+                "config": _config_dict(case.cfg),
+                "training": case.training,
+                "input_shape": list(case.shape),
+                "arrays": {k: list(v.shape) for k, v in arrays.items()},
+                "tolerances": _tolerances(case, arrays),
+            }
+        )
+    if not cases:
+        raise ValueError(f"no case matches presets={presets!r}, pairwise={pairwise!r}")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "nlref_version": __version__,
+        "dtype": "float64",
+        "comparison": "elementwise |got - want| <= atol + rtol * |want|, with the tolerances "
+        "of your implementation's dtype (tolerances.<tensor>.float64 or .float32)",
+        "keys": {
+            "x": "input (B, C, *S)",
+            "dz": "upstream gradient dL/dz, like x",
+            "z": "output, like x",
+            "attention": "f / C(x), (B, N, N'), N = prod(S) query positions in C order, "
+            "N' key positions after pooling",
+            "dx": "dL/dx",
+            "param/<name>": "parameters and BN buffers, names and shapes of "
+            "nlref.param_shapes: 1x1 conv weights (C_out, C_in), concat.weight (2C',) = "
+            "[w_theta; w_phi]; an absent <layer>.bias means no bias",
+            "grad/<name>": "dL/d<name> for every trainable parameter",
+            "buffers_after/<name>": "BN running statistics after the training-mode forward "
+            "(PyTorch's update: unbiased variance, momentum config.bn_momentum)",
+        },
+        "cases": cases,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of ``directory``, checked: a clear error naming the file otherwise."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: write vectors with `nlref vectors --out`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} is not an {FORMAT} manifest (format={got!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{path} is version {manifest.get('version')!r}; this nlref reads version {VERSION}"
+        )
+    cases = manifest.get("cases")
+    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise ValueError(f"{path} has no list of cases")
+    return manifest
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one case file, loaded without pickle; float64 arrays or a clear error."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # not a zip, truncated, object arrays (would need pickle)
+        raise ValueError(f"cannot read {path.name} ({path}): {type(err).__name__}: {err}") from err
+    bad = [k for k, v in arrays.items() if not isinstance(v, np.ndarray) or v.dtype != np.float64]
+    if bad:
+        raise ValueError(f"{path.name} ({path}): members {bad} are not float64 .npy arrays")
+    return arrays
+
+
+def load_case(directory: str | os.PathLike[str], name: str) -> tuple[dict[str, Any], dict]:
+    """The manifest entry and the arrays of case ``name`` (loaded with allow_pickle=False).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the manifest or the case's file is missing.
+    KeyError
+        If the manifest has no case ``name``.
+    ValueError
+        If the manifest or the file is malformed; the message names the file.
+    """
+    directory = Path(directory)
+    for entry in _read_manifest(directory)["cases"]:
+        if entry.get("name") == name:
+            return entry, _read_npz(directory / entry["file"])
+    raise KeyError(f"no case {name!r} in {directory / MANIFEST}")
+
+
+@dataclass
+class CheckResult:
+    """The outcome of :func:`check`: ``failures`` lists ``(case, problem)``."""
+
+    cases: int = 0
+    tensors: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    worst_rel: float = 0.0  # max |got - want| / (atol + rtol |want|) over all tensors
+
+    @property
+    def ok(self) -> bool:
+        """True when every case was recomputed and matched."""
+        return self.cases > 0 and not self.failures
+
+
+def check(directory: str | os.PathLike[str]) -> CheckResult:
+    """Re-verify a golden-vector directory written by :func:`write`.
+
+    For each case of the manifest: the file's SHA-256, its exact set of keys and shapes,
+    and every output recomputed by nlref (float64) from the stored inputs and parameters,
+    within the manifest's float64 tolerances.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory has no manifest.
+    ValueError
+        If the manifest is not valid JSON, or not one of this format and version. A case
+        file that is missing, changed or unreadable is a failure in the result, not an
+        exception.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    result = CheckResult()
+    for entry in manifest["cases"]:
+        name = entry["name"]
+        result.cases += 1
+        file = directory / entry["file"]
+        if not file.is_file():
+            result.failures.append((name, f"missing file {entry['file']}"))
+            continue
+        if _sha256(file) != entry["sha256"]:
+            result.failures.append((name, "SHA-256 differs from the manifest (file changed)"))
+        try:
+            arrays = _read_npz(file)
+        except ValueError as err:
+            result.failures.append((name, str(err)))
+            continue
+        shapes = {k: list(v.shape) for k, v in arrays.items()}
+        if shapes != entry["arrays"]:
+            result.failures.append((name, f"keys/shapes {shapes} != manifest {entry['arrays']}"))
+            continue
+        cfg = _config_from_dict(entry["config"])
+        params = {k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")}
+        got = _compute(cfg, arrays["x"], params, arrays["dz"], entry["training"])
+        for key in _outputs(arrays):
+            result.tensors += 1
+            tol = entry["tolerances"][key]["float64"]
+            want = arrays[key]
+            if key not in got or got[key].shape != want.shape:
+                result.failures.append((name, f"{key}: nlref gives no array of that shape"))
+                continue
+            bound = tol["atol"] + tol["rtol"] * np.abs(want)
+            ratio = float(np.max(np.abs(got[key] - want) / bound, initial=0.0))
+            result.worst_rel = max(result.worst_rel, ratio)
+            if not ratio <= 1.0:
+                result.failures.append(
+                    (name, f"{key}: max |nlref - file| is {ratio:.3g} x the tolerance")
+                )
+        for buffer in BUFFERS:
+            if f"buffers_after/{buffer}" in arrays and not entry["training"]:
+                result.failures.append((name, f"eval-mode case stores {buffer} updates"))
+    return result
