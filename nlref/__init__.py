@@ -16,21 +16,25 @@ True
 (2, 16, 16)
 """
 
-from . import layers, pairwise
+from . import interop, layers, pairwise, presets, testing, vectors  # no torch import
 from ._backend import to_numpy
 from .block import BlockCache, apply_buffer_updates, backward, forward
 from .config import NonLocalConfig
 from .gradcheck import GradcheckError, GradcheckResult, gradcheck, gradcheck_block
 from .params import BUFFERS, init_params, param_shapes, trainable_names
+from .perf import AttentionNotStoredError, MemoryLimitError
+from .presets import preset
 from .sampling import draw_smooth_case, draw_smooth_input, nonsmooth_margin
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUFFERS",
+    "AttentionNotStoredError",
     "BlockCache",
     "GradcheckError",
     "GradcheckResult",
+    "MemoryLimitError",
     "NonLocalConfig",
     "__version__",
     "apply_buffer_updates",
@@ -41,10 +45,15 @@ __all__ = [
     "gradcheck",
     "gradcheck_block",
     "init_params",
+    "interop",
     "layers",
     "nonsmooth_margin",
     "pairwise",
     "param_shapes",
+    "preset",
+    "presets",
+    "testing",
     "to_numpy",
     "trainable_names",
+    "vectors",
 ]

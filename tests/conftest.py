@@ -18,6 +18,30 @@ import pytest
 
 REQUIRED = {s.strip() for s in os.environ.get("NLREF_REQUIRE", "").split(",") if s.strip()}
 KNOWN_REQUIREMENTS = {"torch", "array_api_strict", "cupy"}
+KNOWN_REQUIREMENTS |= {"mmcv", "pytorchvideo", "timm"}  # the real modules of the oracle tests
+KNOWN_REQUIREMENTS |= {"matplotlib", "jupytext"}  # nlref.viz, the notebooks
+
+# Hypothesis profiles for the property-based tests (tests/test_hypothesis.py), chosen with
+# HYPOTHESIS_PROFILE: "ci" (the default: few examples, derandomized so that CI is
+# reproducible, no example database), "dev" (5x the examples, random, with a database) and
+# "thorough" (25x). Each test asks for a multiple of the profile's max_examples; see
+# tests/test_hypothesis.py. Hypothesis is in the "test" extra: its tests fail without it.
+HYPOTHESIS_PROFILES = {"ci": 40, "dev": 200, "thorough": 1000}
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - the test extra installs it
+    pass
+else:
+    for _name, _examples in HYPOTHESIS_PROFILES.items():
+        settings.register_profile(
+            _name,
+            max_examples=_examples,
+            deadline=None,  # timings on a shared CI machine are noise
+            suppress_health_check=[HealthCheck.too_slow],
+            print_blob=True,
+            **({"derandomize": True, "database": None} if _name == "ci" else {}),
+        )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,5 +88,11 @@ def xp(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def torch() -> Any:
-    """PyTorch, in float64, for the independent autograd reference."""
-    return require("torch")
+    """PyTorch, in float64, for the independent autograd reference.
+
+    One thread: the reference runs on tiny tensors, where OpenMP's thread hand-off costs
+    far more than it saves (and stalls badly on a busy 2-core machine).
+    """
+    module = require("torch")
+    module.set_num_threads(1)
+    return module
