@@ -123,6 +123,22 @@ class NonLocalConfig:
             )
         object.__setattr__(self, "biases", tuple(b for b in BIAS_LAYERS if b in self.biases))
 
+    def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict (tuples become lists); ``NonLocalConfig(**d)``
+        rebuilds the config."""
+        return {
+            "in_channels": self.in_channels,
+            "inter_channels": self.inter_channels,
+            "pairwise": self.pairwise,
+            "scale": self.scale,
+            "sub_sample": None if self.sub_sample is None else list(self.sub_sample),
+            "pool_order": self.pool_order,
+            "norm": self.norm,
+            "bn_eps": self.bn_eps,
+            "bn_momentum": self.bn_momentum,
+            "biases": list(self.biases),
+        }
+
     @property
     def effective_scale(self) -> float:
         """The factor applied to θᵢᵀφⱼ: ``scale``, or 1.0 when ``scale`` is None."""

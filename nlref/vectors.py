@@ -154,21 +154,6 @@ def iter_cases(
                                 yield Case(case_name, name, cfg, training, shape)
 
 
-def _config_dict(cfg: NonLocalConfig) -> dict[str, Any]:
-    return {
-        "in_channels": cfg.in_channels,
-        "inter_channels": cfg.inter_channels,
-        "pairwise": cfg.pairwise,
-        "scale": cfg.scale,
-        "sub_sample": None if cfg.sub_sample is None else list(cfg.sub_sample),
-        "pool_order": cfg.pool_order,
-        "norm": cfg.norm,
-        "bn_eps": cfg.bn_eps,
-        "bn_momentum": cfg.bn_momentum,
-        "biases": list(cfg.biases),
-    }
-
-
 def _config_from_dict(d: Mapping[str, Any]) -> NonLocalConfig:
     d = dict(d)
     if d.get("sub_sample") is not None:
@@ -277,7 +262,7 @@ def write(
                 "file": path.name,
                 "sha256": _sha256(path),
                 "preset": case.preset,
-                "config": _config_dict(case.cfg),
+                "config": case.cfg.to_dict(),
                 "training": case.training,
                 "input_shape": list(case.shape),
                 "arrays": {k: list(v.shape) for k, v in arrays.items()},
