@@ -59,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     failures = gc.format_failures(rows)
     if failures:
         print("\n" + failures, file=out)
-    print("\n" + gc._summary(rows, time.perf_counter() - start), file=out)
+    print("\n" + gc.summary(rows, time.perf_counter() - start), file=out)
     passed = all(r.passed for r in rows)
 
     from ..demo import figures, toy

@@ -33,6 +33,7 @@ __all__ = [
     "draw_case",
     "iter_cases",
     "run_case",
+    "summary",
 ]
 
 #: Spatial shape of the input for each number of spatial dims (small: a few seconds in all).
@@ -406,7 +407,8 @@ def format_failures(rows: Sequence[Row]) -> str:
     return "\n\n".join(parts)
 
 
-def _summary(rows: Sequence[Row], seconds: float) -> str:
+def summary(rows: Sequence[Row], seconds: float) -> str:
+    """The closing line: case count, time, worst relative error and PASS/FAIL."""
     n_fail = sum(not r.passed for r in rows)
     checked = [r for r in rows if r.rel_err]
     if checked:
@@ -449,7 +451,7 @@ def _cmd_gradcheck(args: argparse.Namespace, out: TextIO) -> int:
     failures = format_failures(rows)
     if failures:
         print("\n" + failures, file=out)
-    print("\n" + _summary(rows, seconds), file=out)
+    print("\n" + summary(rows, seconds), file=out)
     if args.json:
         doc = {
             "nlref_version": __version__,
