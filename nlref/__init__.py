@@ -16,7 +16,7 @@ True
 (2, 16, 16)
 """
 
-from . import interop, layers, pairwise, presets, testing, vectors  # no torch import
+from . import interop, layers, pairwise, parallel, presets, testing, vectors  # no torch import
 from ._backend import to_numpy
 from .block import BlockCache, apply_buffer_updates, backward, forward
 from .config import NonLocalConfig
@@ -49,6 +49,7 @@ __all__ = [
     "layers",
     "nonsmooth_margin",
     "pairwise",
+    "parallel",
     "param_shapes",
     "preset",
     "presets",

@@ -36,7 +36,7 @@ import functools
 import inspect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._backend import Array, namespace
@@ -44,6 +44,7 @@ from .config import NonLocalConfig
 from .layers import aggregate, batchnorm, maxpool, projection
 from .pairwise import PairwiseGrads
 from .pairwise import get as get_pairwise
+from .parallel import region, resolve_threads, run_split, split
 from .params import check_params, param_shapes
 from .perf import (
     AttentionNotStoredError,
@@ -53,7 +54,15 @@ from .perf import (
     plan_attention,
 )
 
-__all__ = ["BlockCache", "apply_buffer_updates", "backward", "forward"]
+__all__ = [
+    "AttentionBlock",
+    "AttentionCache",
+    "BlockCache",
+    "PartCache",
+    "apply_buffer_updates",
+    "backward",
+    "forward",
+]
 
 
 @dataclass(frozen=True)
@@ -66,34 +75,64 @@ class BranchCache:
 
 
 @dataclass(frozen=True)
-class ChunkedAttentionCache:
-    r"""The attention evaluated in blocks of queries, and recomputed block by block.
+class AttentionBlock:
+    """One block of the attention: batch elements ``batch`` = [b₀, b₁), query rows
+    ``queries`` = [i₀, i₁).
 
-    Row i of the attention depends on θᵢ and on all of φ only (each pairwise function
-    normalises one query row at a time), so for a block of queries Q = [i₀, i₁)
+    ``attention`` (b₁ − b₀, i₁ − i₀, N′) and the variant's cache ``pairwise`` are kept when
+    the attention was materialised, and None when the backward recomputes the block.
+    """
+
+    batch: tuple[int, int]
+    queries: tuple[int, int]
+    attention: Array | None = None
+    pairwise: Any = None
+
+
+@dataclass(frozen=True)
+class AttentionCache:
+    r"""The attention and y = g Aᵀ, evaluated block by block.
+
+    Row i of batch element b of the attention depends on θ_{b,i} and on all of φ_b only
+    (each pairwise function normalises one query row at a time), so for a block of batch
+    elements β and of queries Q = [i₀, i₁)
 
     .. math::
 
-        A_Q = f(\theta_Q, \phi) / C(x)_Q,\qquad y_Q = g\,A_Q^\top,
+        A_{β,Q} = f(\theta_{β,Q}, \phi_β) / C(x)_{β,Q},\qquad
+        y_{β,Q} = g_β\,A_{β,Q}^\top,
 
     and the backward of a block is the unchunked backward applied to that block:
 
     .. math::
 
-        \bar A_Q = \bar y_Q^\top g,\qquad \bar g = \sum_Q \bar y_Q A_Q,\qquad
-        (\bar\theta_Q, \bar\phi_Q, \bar w_Q) = \text{variant.backward}(\bar A_Q),\qquad
-        \bar\phi = \sum_Q \bar\phi_Q.
+        \bar A_{β,Q} = \bar y_{β,Q}^\top g_β,\qquad
+        \bar g_β = \sum_Q \bar y_{β,Q} A_{β,Q},\qquad
+        (\bar\theta_{β,Q}, \bar\phi_{β,Q}, \bar w_{β,Q})
+            = \text{variant.backward}(\bar A_{β,Q}),\qquad
+        \bar\phi_β = \sum_Q \bar\phi_{β,Q}.
+
+    When the attention is **materialised** each block keeps its attention and the
+    variant's cache (one block for all of it on one thread; one per thread otherwise).
+    When it is **chunked** the blocks are ``chunk_size`` query rows of every batch
+    element, nothing of size N × N′ is kept, and the backward recomputes each block.
 
     Attributes
     ----------
+    pairwise : str
+        The variant's name.
     theta : array (B, C′, N)
     phi, values : arrays (B, C′, N′)
         φ and g (for the Gaussian, θ = x and φ = P(x), with C channels).
     extra : dict
         The variant's own weights (``concat.weight``).
     scale : float
-    chunk_size : int
-        Queries per block (the last block may be shorter).
+    blocks : tuple of AttentionBlock
+        In order: batch ranges ascending, and the query blocks of a batch range ascending.
+    stored : bool
+        Whether the blocks hold their attention (materialised) or are recomputed.
+    threads : int
+        Threads the blocks are spread over (:mod:`nlref.parallel`), forward and backward.
     """
 
     pairwise: str
@@ -102,18 +141,51 @@ class ChunkedAttentionCache:
     values: Array
     extra: dict[str, Array]
     scale: float
-    chunk_size: int
+    blocks: tuple[AttentionBlock, ...]
+    stored: bool
+    threads: int = 1
 
-    def bounds(self) -> list[tuple[int, int]]:
-        """The query blocks [i₀, i₁), in order."""
-        n, k = self.theta.shape[-1], self.chunk_size
-        return [(i, min(i + k, n)) for i in range(0, n, k)]
-
-    def block(self, start: int, stop: int) -> tuple[Array, Any]:
-        """The attention rows ``start:stop`` (B, stop − start, N′) and the variant's cache."""
+    def evaluate(self, batch: tuple[int, int], queries: tuple[int, int]) -> tuple[Array, Any]:
+        """The attention of batch elements ``batch`` and query rows ``queries``,
+        (b₁ − b₀, i₁ − i₀, N′), and the variant's cache, computed from θ and φ."""
         variant = get_pairwise(self.pairwise)
-        theta_rows = self.theta[:, :, start:stop]  # (B, C', stop - start)
-        return variant.forward(theta_rows, self.phi, self.extra, self.scale)
+        (b0, b1), (i0, i1) = batch, queries
+        theta_rows = self.theta[b0:b1, :, i0:i1]  # (b1 - b0, C', i1 - i0)
+        return variant.forward(theta_rows, self.phi[b0:b1, ...], self.extra, self.scale)
+
+    def attention(self) -> Array:
+        """All of the stored attention, (B, N, N′): the one block itself, or the blocks
+        joined (a copy)."""
+        return _join([blk.attention for blk in self.blocks], self.blocks)
+
+
+@dataclass(frozen=True)
+class PartCache:
+    """Everything before batch norm for the batch elements ``batch`` = [b₀, b₁).
+
+    Up to W_z y + b_z, the block treats each batch element on its own, so
+    :func:`forward` may run runs of batch elements on separate threads; batch norm then
+    joins them.
+
+    Attributes
+    ----------
+    batch : tuple of int
+    theta, phi, g : BranchCache
+        The query branch and the two key-side branches. A shared pool of x (pool before
+        projection, and the Gaussian's φ = pool(x)) appears as ``input_pool``.
+    attention_cache : AttentionCache
+        θ, φ, g, the variant's weights and the blocks the attention was evaluated in (with
+        their attention and variant caches when it was materialised).
+    z : ProjectionCache
+        The cache of W_z y + b_z.
+    """
+
+    batch: tuple[int, int]
+    theta: BranchCache
+    phi: BranchCache
+    g: BranchCache
+    attention_cache: AttentionCache
+    z: projection.ProjectionCache
 
 
 @dataclass(frozen=True)
@@ -128,14 +200,9 @@ class BlockCache:
         (B, C, \\*S).
     key_shape : tuple
         Spatial shape of the keys after pooling; N′ = prod(key_shape).
-    theta, phi, g : BranchCache
-        The query branch and the two key-side branches. A shared pool of x (pool before
-        projection, and the Gaussian's φ = pool(x)) appears as ``input_pool``.
-    pairwise : object or None
-        The variant's own cache; None when the queries ran in chunks.
-    aggregate : AggregateCache or None
-        The cache of y = g Aᵀ (it holds the attention); None when the queries ran in chunks.
-    z : cache of W_z y + b_z.
+    parts : tuple of PartCache
+        The branches, the attention and W_z y of each run of batch elements: one part for
+        the whole batch, or one per thread when the batch was split over threads.
     bn : BatchNormCache or None
     updated_buffers : dict
         ``{"bn.running_mean": ..., "bn.running_var": ...}`` after a training-mode forward
@@ -145,9 +212,8 @@ class BlockCache:
     plan : AttentionPlan or None
         How the attention was evaluated: all queries at once (``plan.materialised``) or in
         ``plan.n_chunks`` blocks of ``plan.chunk_size`` queries, and why.
-    chunked : ChunkedAttentionCache or None
-        θ, φ, g and the variant's weights, from which the backward recomputes each block of
-        the attention; None when the attention was materialised.
+    threads : int
+        CPU threads forward used, and backward uses (:mod:`nlref.parallel`).
     """
 
     cfg: NonLocalConfig
@@ -155,16 +221,11 @@ class BlockCache:
     input_shape: tuple[int, ...]
     key_shape: tuple[int, ...]
     dtype: Any
-    theta: BranchCache
-    phi: BranchCache
-    g: BranchCache
-    pairwise: Any
-    aggregate: aggregate.AggregateCache | None
-    z: projection.ProjectionCache
+    parts: tuple[PartCache, ...]
     bn: batchnorm.BatchNormCache | None
     updated_buffers: dict[str, Array] = field(default_factory=dict)
     plan: AttentionPlan | None = None
-    chunked: ChunkedAttentionCache | None = None
+    threads: int = 1
 
     @property
     def attention(self) -> Array:
@@ -176,7 +237,7 @@ class BlockCache:
             (an ``AttributeError``) when the forward ran in chunks of queries and never held
             the whole array; the message says how to get it.
         """
-        if self.aggregate is None:
+        if not self.plan.materialised:
             b, _, *spatial = self.input_shape
             n, n_keys = math.prod(spatial), math.prod(self.key_shape)
             plan = self.plan
@@ -187,21 +248,31 @@ class BlockCache:
                 "Use cache.attention_rows(start, stop) for a block of query rows, or run "
                 f"forward(..., chunk_size={n}) to materialise all of it"
             )
-        return self.aggregate.attention
+        return _join([part.attention_cache.attention() for part in self.parts], None)
 
     def attention_rows(self, start: int, stop: int) -> Array:
         """Rows ``start:stop`` of the attention, shape (B, stop − start, N′).
 
-        A slice of the cached attention when it was materialised; otherwise recomputed from
-        θ and φ with the same formula as the forward (exact, like the chunks themselves).
+        A slice of the cached attention when it was materialised in one block; otherwise
+        recomputed from θ and φ with the same formula as the forward (exact, like the chunks
+        themselves).
         """
         n = math.prod(self.input_shape[2:])
         if not (0 <= start < stop <= n):
             raise ValueError(f"expected 0 <= start < stop <= N={n}, got start={start}, stop={stop}")
-        if self.aggregate is not None:
-            return self.aggregate.attention[:, start:stop, :]
-        rows, _ = self.chunked.block(start, stop)
-        return rows
+        rows = []
+        for part in self.parts:
+            core = part.attention_cache
+            if core.stored and len(core.blocks) == 1:
+                rows.append(core.blocks[0].attention[:, start:stop, :])
+            else:
+                rows.append(core.evaluate((0, part.batch[1] - part.batch[0]), (start, stop))[0])
+        return _join(rows, None)
+
+    @property
+    def values(self) -> Array:
+        """g, the values of the attention, (B, C′, N′) (for the Gaussian too)."""
+        return _join([part.attention_cache.values for part in self.parts], None)
 
 
 def forward(
@@ -212,6 +283,7 @@ def forward(
     *,
     chunk_size: int | None = None,
     memory_limit: int | None = None,
+    threads: int | None = None,
 ) -> tuple[Array, BlockCache]:
     """Run the Non-local block.
 
@@ -236,6 +308,13 @@ def forward(
         Bytes the block may use; None: what the system reports available
         (:func:`nlref.perf.available_memory`). Checked against an estimate before anything
         is allocated.
+    threads : int or None
+        CPU threads, forward and backward (:mod:`nlref.parallel`): runs of batch elements
+        go to separate threads when B ≥ threads, else the blocks of the attention do; BLAS
+        runs one thread per worker meanwhile. None: every usable CPU for NumPy arrays whose
+        attention has at least :data:`nlref.parallel.MIN_PARALLEL_ELEMENTS` elements, else
+        1. CuPy arrays run on the calling thread (``threads`` > 1 is an error there). The
+        results equal the one-thread results up to the order of a few float sums.
 
     Returns
     -------
@@ -256,35 +335,100 @@ def forward(
     check_params(params, cfg, x)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
-    variant = get_pairwise(cfg.pairwise)
     b, c, *spatial = x.shape
     spatial = tuple(spatial)
     kernel = cfg.sub_sample
     key_shape = spatial if kernel is None else maxpool.output_size(spatial, kernel)
     if memory_limit is not None and (isinstance(memory_limit, bool) or memory_limit < 1):
         raise ValueError(f"memory_limit must be None or a positive int, got {memory_limit!r}")
+    n, n_keys = math.prod(spatial), math.prod(key_shape)
+    threads = resolve_threads(threads, x, b * n * n_keys)
     plan = plan_attention(
         tuple(x.shape),
-        math.prod(key_shape),
+        n_keys,
         cfg.inter_channels,
         _itemsize(xp, x.dtype),
         chunk_size=chunk_size,
         available=available_memory(x) if memory_limit is None else int(memory_limit),
         block_bytes=chunk_memory(x),
+        concurrent=threads,
     )
-    xf = xp.reshape(x, (b, c, math.prod(spatial)))  # (B, C, N)
+    threads = min(threads, plan.concurrent)
+    xf = xp.reshape(x, (b, c, n))  # (B, C, N)
+    batch_runs, inner_threads = _batch_runs(b, threads)
+
+    def forward_runs(runs: list[tuple[int, int]]) -> list[tuple[Array, PartCache]]:
+        return [_forward_part(xf, run, params, cfg, spatial, plan, inner_threads) for run in runs]
+
+    with region(threads):
+        done = [item for r in run_split(forward_runs, batch_runs, threads) for item in r]
+        w = _join([w_part for w_part, _ in done], None)  # (B, C, N): W_z y + b_z
+        parts = tuple(part for _, part in done)
+        del done
+
+        bn_cache, updated = None, {}
+        if cfg.norm == "batchnorm":
+            w, bn_cache = batchnorm.forward(
+                w,
+                params["bn.weight"],
+                params["bn.bias"],
+                params["bn.running_mean"],
+                params["bn.running_var"],
+                training=training,
+                eps=cfg.bn_eps,
+                momentum=cfg.bn_momentum,
+            )
+            if training:
+                updated = {
+                    "bn.running_mean": bn_cache.running_mean,
+                    "bn.running_var": bn_cache.running_var,
+                }
+        w += xf  # residual connection, in place: w is an array forward made itself
+    z = xp.reshape(w, tuple(x.shape))
+
+    cache = BlockCache(
+        cfg=cfg,
+        training=training,
+        input_shape=tuple(x.shape),
+        key_shape=tuple(key_shape),
+        dtype=x.dtype,
+        parts=parts,
+        bn=bn_cache,
+        updated_buffers=updated,
+        plan=plan,
+        threads=threads,
+    )
+    return z, cache
+
+
+def _forward_part(
+    x: Array,
+    batch: tuple[int, int],
+    params: Mapping[str, Array],
+    cfg: NonLocalConfig,
+    spatial: tuple[int, ...],
+    plan: AttentionPlan,
+    threads: int,
+) -> tuple[Array, PartCache]:
+    """Everything before batch norm, W_z y + b_z (b₁ − b₀, C, N), for batch elements
+    ``batch`` = [b₀, b₁) of x (B, C, N)."""
+    xp = namespace(x)
+    variant = get_pairwise(cfg.pairwise)
+    xf = x[batch[0] : batch[1], ...]  # (b, C, N)
+    b = xf.shape[0]
+    kernel = cfg.sub_sample
 
     def project(layer: str, inp: Array) -> tuple[Array, projection.ProjectionCache]:
         return projection.forward(inp, params[f"{layer}.weight"], params.get(f"{layer}.bias"))
 
-    def pool(u: Array) -> tuple[Array, maxpool.MaxPoolCache]:  # (B, C*, N) -> (B, C*, N')
+    def pool(u: Array) -> tuple[Array, maxpool.MaxPoolCache]:  # (b, C*, N) -> (b, C*, N')
         out, pool_cache = maxpool.forward(xp.reshape(u, (b, u.shape[1], *spatial)), kernel)
         return xp.reshape(out, (b, u.shape[1], -1)), pool_cache
 
     before = kernel is not None and cfg.pool_order == "before_projection"
     pooled_x, pool_x = None, None
     if kernel is not None and (before or not variant.embeds):
-        pooled_x, pool_x = pool(xf)  # (B, C, N')
+        pooled_x, pool_x = pool(xf)  # (b, C, N')
 
     def key_branch(layer: str) -> tuple[Array, BranchCache]:
         u, proj_cache = project(layer, pooled_x if before else xf)
@@ -294,7 +438,7 @@ def forward(
         input_pool = pool_x if before else None
         return u, BranchCache(input_pool=input_pool, projection=proj_cache, output_pool=pool_cache)
 
-    # queries theta (B, C', N) and keys phi (B, C', N'); the Gaussian compares x itself
+    # queries theta (b, C', N) and keys phi (b, C', N'); the Gaussian compares x itself
     if variant.embeds:
         theta, theta_proj = project("theta", xf)
         theta_cache = BranchCache(input_pool=None, projection=theta_proj, output_pool=None)
@@ -303,71 +447,43 @@ def forward(
         theta, theta_cache = xf, BranchCache(input_pool=None, projection=None, output_pool=None)
         phi = xf if pooled_x is None else pooled_x
         phi_cache = BranchCache(input_pool=pool_x, projection=None, output_pool=None)
-    g, g_cache = key_branch("g")  # values (B, C', N')
+    g, g_cache = key_branch("g")  # values (b, C', N')
 
     extra = {name: params[name] for name in variant.extra_params(cfg.inter_channels)}
-    pairwise_cache, aggregate_cache, chunked = None, None, None
-    if plan.materialised:
-        attention, pairwise_cache = variant.forward(theta, phi, extra, cfg.effective_scale)
-        y, aggregate_cache = aggregate.forward(attention, g)  # (B, C', N)
-        del attention  # held by the caches
-    else:  # the same formulas on blocks of query rows; nothing of size N x N' is kept
-        chunked = ChunkedAttentionCache(
-            pairwise=cfg.pairwise,
-            theta=theta,
-            phi=phi,
-            values=g,
-            extra=extra,
-            scale=cfg.effective_scale,
-            chunk_size=plan.chunk_size,
-        )
-        y_blocks = []
-        for start, stop in chunked.bounds():
-            attention_rows, _ = chunked.block(start, stop)  # (B, stop - start, N')
-            y_blocks.append(aggregate.forward(attention_rows, g)[0])  # (B, C', stop - start)
-            del attention_rows
-        y = xp.concat(y_blocks, axis=2)  # (B, C', N)
-        del y_blocks
-    w, z_cache = project("z", y)  # (B, C, N)
-
-    bn_cache, updated = None, {}
-    if cfg.norm == "batchnorm":
-        w, bn_cache = batchnorm.forward(
-            w,
-            params["bn.weight"],
-            params["bn.bias"],
-            params["bn.running_mean"],
-            params["bn.running_var"],
-            training=training,
-            eps=cfg.bn_eps,
-            momentum=cfg.bn_momentum,
-        )
-        if training:
-            updated = {
-                "bn.running_mean": bn_cache.running_mean,
-                "bn.running_var": bn_cache.running_var,
-            }
-    w += xf  # residual connection, in place: w is an array forward made itself
-    z = xp.reshape(w, tuple(x.shape))
-
-    cache = BlockCache(
-        cfg=cfg,
-        training=training,
-        input_shape=tuple(x.shape),
-        key_shape=tuple(key_shape),
-        dtype=x.dtype,
-        theta=theta_cache,
-        phi=phi_cache,
-        g=g_cache,
-        pairwise=pairwise_cache,
-        aggregate=aggregate_cache,
-        z=z_cache,
-        bn=bn_cache,
-        updated_buffers=updated,
-        plan=plan,
-        chunked=chunked,
+    blocks = _plan_blocks(b, xf.shape[2], plan, threads)
+    core = AttentionCache(
+        pairwise=cfg.pairwise,
+        theta=theta,
+        phi=phi,
+        values=g,
+        extra=extra,
+        scale=cfg.effective_scale,
+        blocks=tuple(blocks),
+        stored=plan.materialised,
+        threads=threads,
     )
-    return z, cache
+
+    def forward_run(run: list[AttentionBlock]) -> list[tuple[Array, AttentionBlock]]:
+        done = []
+        for blk in run:
+            attention, pairwise_cache = core.evaluate(blk.batch, blk.queries)
+            values = g[blk.batch[0] : blk.batch[1], ...]
+            y_block, _ = aggregate.forward(attention, values)  # (b1 - b0, C', i1 - i0)
+            if core.stored:
+                blk = replace(blk, attention=attention, pairwise=pairwise_cache)
+            del attention, pairwise_cache  # kept by blk when materialised
+            done.append((y_block, blk))
+        return done
+
+    done = [item for run in run_split(forward_run, blocks, threads) for item in run]
+    core = replace(core, blocks=tuple(blk for _, blk in done))
+    y = _join([y_block for y_block, _ in done], core.blocks, query_axis=2)  # (b, C', N)
+    del done
+    w, z_cache = project("z", y)  # (b, C, N)
+    part = PartCache(
+        batch=batch, theta=theta_cache, phi=phi_cache, g=g_cache, attention_cache=core, z=z_cache
+    )
+    return w, part
 
 
 def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
@@ -393,10 +509,46 @@ def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
         )
     xp = _check_dz(dz, cache)
     cfg = cache.cfg
-    variant = get_pairwise(cfg.pairwise)
     b, c, *spatial = cache.input_shape
-    spatial = tuple(spatial)
     dzf = xp.reshape(dz, (b, c, math.prod(spatial)))  # (B, C, N)
+    grads: dict[str, Array] = {}
+    parallel_parts = cache.threads if len(cache.parts) > 1 else 1
+
+    with region(cache.threads):
+        # z = BN(W_z y + b_z) + x
+        dw = dzf
+        if cache.bn is not None:
+            bn_grads = batchnorm.backward(dzf, cache.bn)
+            grads["bn.weight"], grads["bn.bias"] = bn_grads.dweight, bn_grads.dbias
+            dw = bn_grads.dh
+
+        def backward_parts(parts: list[PartCache]) -> list[tuple[Array, dict[str, Array]]]:
+            return [_backward_part(dw, dzf, part, cache) for part in parts]
+
+        done = [
+            item
+            for run in run_split(backward_parts, list(cache.parts), parallel_parts)
+            for item in run
+        ]
+        dx = _join([dx_part for dx_part, _ in done], None)
+        sums: dict = {}
+        for _, part_grads in done:  # in batch order: deterministic
+            _accumulate(sums, "grads", part_grads)
+        grads.update(sums["grads"])
+
+    order = [name for name in param_shapes(cfg) if name in grads]
+    return xp.reshape(dx, cache.input_shape), {name: grads[name] for name in order}
+
+
+def _backward_part(
+    dw: Array, dz: Array, part: PartCache, cache: BlockCache
+) -> tuple[Array, dict[str, Array]]:
+    """Backward of :func:`_forward_part` for its batch elements: the gradient of x along
+    all four paths (θ, φ, g and the residual ``dz``), and of the part's parameters."""
+    xp = namespace(dw)
+    b0, b1 = part.batch
+    b = b1 - b0
+    dw, dzf = dw[b0:b1, ...], dz[b0:b1, ...]
     grads: dict[str, Array] = {}
 
     def unpool(du: Array, pool_cache: maxpool.MaxPoolCache | None) -> Array:
@@ -418,62 +570,125 @@ def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
             du = unproject(layer, du, branch.projection)
         return unpool(du, branch.input_pool)  # forward was: pool before the projection
 
-    # z = BN(W_z y + b_z) + x
-    dw = dzf
-    if cache.bn is not None:
-        bn_grads = batchnorm.backward(dzf, cache.bn)
-        grads["bn.weight"], grads["bn.bias"] = bn_grads.dweight, bn_grads.dbias
-        dw = bn_grads.dh
-    dy = unproject("z", dw, cache.z)  # (B, C', N)
-    if cache.chunked is None:
-        dattention, dg = aggregate.backward(dy, cache.aggregate)  # y = g A^T
-        # dattention is a new array made here: the variant may work in its memory
-        pair_grads = variant.backward(dattention, cache.pairwise, **_handed_over(variant))
-        del dattention
-    else:
-        pair_grads, dg = _chunked_attention_backward(dy, cache.chunked)
+    dy = unproject("z", dw, part.z)  # (b, C', N)
+    pair_grads, dg = _attention_backward(dy, part.attention_cache)
     grads.update(pair_grads.dextra)
 
-    dx_theta = branch_backward("theta", pair_grads.dtheta, cache.theta)
-    dx_phi = branch_backward("phi", pair_grads.dphi, cache.phi)  # Gaussian: phi = pool(x)
-    dx_g = branch_backward("g", dg, cache.g)
-    dx = dx_theta + dx_phi + dx_g + dzf  # x reaches z along four paths
+    dx_theta = branch_backward("theta", pair_grads.dtheta, part.theta)
+    dx_phi = branch_backward("phi", pair_grads.dphi, part.phi)  # Gaussian: phi = pool(x)
+    dx_g = branch_backward("g", dg, part.g)
+    dx = dzf + dx_theta  # x reaches z along four paths: the residual, θ, φ and g
+    dx += dx_phi  # in place: dx is the new array made on the line above
+    dx += dx_g
+    return dx, grads
 
-    order = [n for n in param_shapes(cfg) if n in grads]
-    return xp.reshape(dx, cache.input_shape), {n: grads[n] for n in order}
+
+def _batch_runs(batch: int, threads: int) -> tuple[list[tuple[int, int]], int]:
+    """Runs of batch elements for the threads, and the threads left for each run's
+    attention blocks: T runs of one thread each when B ≥ T, else one run of all T."""
+    if threads > 1 and batch >= threads:
+        return [(run[0], run[-1] + 1) for run in split(range(batch), threads)], 1
+    return [(0, batch)], threads
 
 
-def _chunked_attention_backward(
-    dy: Array, chunked: ChunkedAttentionCache
-) -> tuple[PairwiseGrads, Array]:
-    """Backward of the attention and of y = g Aᵀ, one block of queries at a time.
+def _attention_backward(dy: Array, core: AttentionCache) -> tuple[PairwiseGrads, Array]:
+    """Backward of the attention and of y = g Aᵀ, block by block (see
+    :class:`AttentionCache`).
 
-    Each block's attention is recomputed from θ and φ, then differentiated with the
-    unchunked formulas; θ's gradient is the concatenation of the blocks', while φ, g and
-    the variant's weights sum their blocks' gradients.
+    Each block's attention is the stored one or is recomputed from θ and φ, then
+    differentiated with the unchunked formulas. θ's gradient is the blocks' joined; φ, g
+    and the variant's weights sum their blocks' gradients (in block order on each thread,
+    then the threads' sums in thread order: the result does not depend on scheduling).
     """
-    xp = namespace(dy)
-    variant = get_pairwise(chunked.pairwise)
-    dtheta_blocks = []
-    dphi, dg, dextra = None, None, {}
-    for start, stop in chunked.bounds():
-        attention_rows, pairwise_cache = chunked.block(start, stop)  # recomputed
-        aggregate_cache = aggregate.AggregateCache(attention=attention_rows, values=chunked.values)
-        dattention_rows, dg_part = aggregate.backward(dy[:, :, start:stop], aggregate_cache)
-        del attention_rows, aggregate_cache
-        part = variant.backward(dattention_rows, pairwise_cache, **_handed_over(variant))
-        del dattention_rows, pairwise_cache
-        dtheta_blocks.append(part.dtheta)  # (B, C', stop - start)
-        # sums over blocks, in place on the first block's arrays (made by the backward)
-        if dphi is None:
-            dphi, dg, dextra = part.dphi, dg_part, dict(part.dextra)
-        else:
-            dphi += part.dphi
-            dg += dg_part
-            for name, value in part.dextra.items():
-                dextra[name] += value
-    dtheta = xp.concat(dtheta_blocks, axis=2)  # (B, C', N)
-    return PairwiseGrads(dtheta=dtheta, dphi=dphi, dextra=dextra), dg
+    variant = get_pairwise(core.pairwise)
+    handed_over = _handed_over(variant)
+
+    def backward_run(run: list[AttentionBlock]) -> tuple[list[Array], dict]:
+        dtheta_blocks, sums = [], {}  # sums: batch range -> (dphi, dg); "extra" -> dextra
+        for blk in run:
+            (b0, b1), (i0, i1) = blk.batch, blk.queries
+            if core.stored:
+                attention, pairwise_cache = blk.attention, blk.pairwise
+            else:
+                attention, pairwise_cache = core.evaluate(blk.batch, blk.queries)
+            values = core.values[b0:b1, ...]
+            aggregate_cache = aggregate.AggregateCache(attention=attention, values=values)
+            dattention, dg_part = aggregate.backward(dy[b0:b1, :, i0:i1], aggregate_cache)
+            del attention, aggregate_cache
+            # dattention is a new array made here: the variant may work in its memory
+            part = variant.backward(dattention, pairwise_cache, **handed_over)
+            del dattention, pairwise_cache
+            dtheta_blocks.append(part.dtheta)  # (b1 - b0, C', i1 - i0)
+            _accumulate(sums, blk.batch, (part.dphi, dg_part))
+            _accumulate(sums, "extra", part.dextra)
+        return dtheta_blocks, sums
+
+    runs = run_split(backward_run, list(core.blocks), core.threads)
+    dtheta = _join([d for blocks, _ in runs for d in blocks], core.blocks, query_axis=2)
+    sums: dict = {}
+    for _, run_sums in runs:  # in run order: deterministic
+        for key, value in run_sums.items():
+            _accumulate(sums, key, value)
+    batches = list(dict.fromkeys(blk.batch for blk in core.blocks))  # ascending
+    dphi = _join([sums[batch][0] for batch in batches], None)
+    dg = _join([sums[batch][1] for batch in batches], None)
+    return PairwiseGrads(dtheta=dtheta, dphi=dphi, dextra=sums.get("extra", {})), dg
+
+
+def _accumulate(sums: dict, key: Any, value: Any) -> None:
+    """``sums[key] += value`` for an array, a tuple or a dict of arrays; in place on the
+    first value stored (arrays the backward made itself)."""
+    if key not in sums:
+        sums[key] = dict(value) if isinstance(value, dict) else value
+        return
+    held = sums[key]
+    if isinstance(value, dict):
+        for name, array in value.items():
+            held[name] += array
+    elif isinstance(value, tuple):
+        for total, array in zip(held, value, strict=True):
+            total += array
+    else:
+        held += value
+
+
+def _plan_blocks(batch: int, n: int, plan: AttentionPlan, threads: int) -> list[AttentionBlock]:
+    """The blocks the attention is evaluated in.
+
+    Chunked: ``plan.chunk_size`` query rows of every batch element per block. Materialised:
+    one block on one thread; with T threads, T runs of batch elements when B ≥ T, else
+    every batch element split into ⌈T / B⌉ runs of queries.
+    """
+    if not plan.materialised:
+        k = plan.chunk_size
+        return [AttentionBlock((0, batch), (i, min(i + k, n))) for i in range(0, n, k)]
+    if threads >= 2 and batch >= threads:
+        return [
+            AttentionBlock((run[0], run[-1] + 1), (0, n)) for run in split(range(batch), threads)
+        ]
+    parts = min(n, -(-threads // batch))
+    rows = [(n * p // parts, n * (p + 1) // parts) for p in range(parts)]
+    return [
+        AttentionBlock((b, b + 1) if parts > 1 else (0, batch), q)
+        for b in range(batch if parts > 1 else 1)
+        for q in rows
+    ]
+
+
+def _join(arrays: list[Array], blocks: Any, query_axis: int = 1) -> Array:
+    """Join per-block arrays: along ``query_axis`` within a batch range, then along the
+    batch axis (``blocks=None``: the arrays are per batch range already). One array is
+    returned as it is."""
+    if len(arrays) == 1:
+        return arrays[0]
+    xp = namespace(*arrays)
+    if blocks is None:
+        return xp.concat(arrays, axis=0)
+    groups: dict[tuple[int, int], list[Array]] = {}
+    for array, blk in zip(arrays, blocks, strict=True):
+        groups.setdefault(blk.batch, []).append(array)
+    joined = [g[0] if len(g) == 1 else xp.concat(g, axis=query_axis) for g in groups.values()]
+    return joined[0] if len(joined) == 1 else xp.concat(joined, axis=0)
 
 
 def _handed_over(variant: Any) -> dict[str, bool]:
@@ -550,7 +765,7 @@ def _check_x(x: Array, cfg: NonLocalConfig) -> Any:
 def _check_dz(dz: Array, cache: BlockCache) -> Any:
     if not hasattr(dz, "shape") or not hasattr(dz, "dtype"):
         raise TypeError(f"dz must be an array, got {type(dz).__name__}")
-    xp = namespace(dz, cache.z.x)
+    xp = namespace(dz, cache.parts[0].z.x)
     if tuple(dz.shape) != cache.input_shape:
         raise ValueError(f"dz must have the shape of z, {cache.input_shape}, got {tuple(dz.shape)}")
     if dz.dtype != cache.dtype:

@@ -100,6 +100,9 @@ class AttentionPlan:
         Number of query blocks (1 when materialised).
     attention_bytes : int
         Bytes of the whole (B, N, N′) attention in the input's dtype.
+    concurrent : int
+        At most this many blocks may be evaluated at the same time (one per thread): the
+        memory estimate counts that many.
     estimated_bytes : int
         Estimated peak bytes of forward plus backward with this plan (an estimate:
         :func:`working_set_bytes`).
@@ -113,6 +116,7 @@ class AttentionPlan:
     chunk_size: int | None
     n_chunks: int
     attention_bytes: int
+    concurrent: int
     estimated_bytes: int
     available_bytes: int | None
     reason: str
@@ -151,10 +155,15 @@ def working_set_bytes(
     n_keys: int,
     itemsize: int,
     chunk_size: int | None,
+    concurrent: int = 1,
 ) -> int:
     """Estimated peak bytes of forward plus backward when the queries run in blocks of
-    ``chunk_size`` (None: all at once, the attention cached)."""
-    rows = n if chunk_size is None else min(chunk_size, n)
+    ``chunk_size`` (None: all at once, the attention cached), ``concurrent`` blocks at a
+    time (one per thread, see :mod:`nlref.parallel`)."""
+    if chunk_size is None:
+        rows = n  # the whole attention, however many threads evaluate its pieces
+    else:
+        rows = min(n, min(chunk_size, n) * max(1, concurrent))
     block = batch * rows * n_keys * itemsize
     return (
         persistent_bytes(batch, channels, inter_channels, n, n_keys, itemsize)
@@ -228,6 +237,7 @@ def plan_attention(
     chunk_size: int | None = None,
     available: int | None = None,
     block_bytes: int | None = None,
+    concurrent: int = 1,
 ) -> AttentionPlan:
     """Choose how to evaluate the attention of a block on x of shape ``shape``.
 
@@ -251,6 +261,9 @@ def plan_attention(
     block_bytes : int or None
         Target bytes of one block when chunking automatically; default
         :data:`CHUNK_MEMORY`.
+    concurrent : int
+        Blocks evaluated at the same time (the threads of :mod:`nlref.parallel`): the
+        memory check counts that many blocks' temporaries.
 
     Raises
     ------
@@ -275,7 +288,7 @@ def plan_attention(
     )
 
     def fits(rows: int | None) -> bool:
-        return available is None or working_set_bytes(*dims, rows) <= available
+        return available is None or working_set_bytes(*dims, rows, concurrent) <= available
 
     def make(rows: int | None, reason: str) -> AttentionPlan:
         if rows is not None and rows >= n:
@@ -284,15 +297,17 @@ def plan_attention(
             chunk_size=rows,
             n_chunks=1 if rows is None else math.ceil(n / rows),
             attention_bytes=attention,
-            estimated_bytes=working_set_bytes(*dims, rows),
+            concurrent=concurrent,
+            estimated_bytes=working_set_bytes(*dims, rows, concurrent),
             available_bytes=available,
             reason=reason,
         )
 
+    threads_note = f" and {concurrent} blocks at a time (threads)" if concurrent > 1 else ""
     if chunk_size is not None:
         rows = min(chunk_size, n)
         if not fits(rows):
-            smallest = working_set_bytes(*dims, 1)
+            smallest = working_set_bytes(*dims, 1, concurrent)
             hint = (
                 "use a smaller chunk_size, or chunk_size=None to choose one"
                 if available is not None and smallest <= available
@@ -300,7 +315,8 @@ def plan_attention(
             )
             raise MemoryLimitError(
                 f"the Non-local block on {where} needs about "
-                f"{_gib(working_set_bytes(*dims, rows))} with chunk_size={chunk_size}, "
+                f"{_gib(working_set_bytes(*dims, rows, concurrent))} with chunk_size={chunk_size}"
+                f"{threads_note}, "
                 f"but {_gib(available or 0)} is available; {hint}"
             )
         if rows >= n:
@@ -313,7 +329,17 @@ def plan_attention(
     rows = max(1, min(n, target // max(1, batch * n_keys * itemsize)))
     if not fits(rows):
         spare = (available or 0) - working_set_bytes(*dims, 0)
-        rows = spare // (BLOCK_ARRAYS * batch * n_keys * itemsize)
+        rows = spare // (BLOCK_ARRAYS * batch * n_keys * itemsize * concurrent)
+        if rows < 1 and concurrent > 1:  # fewer blocks at a time before giving up
+            return plan_attention(
+                shape,
+                n_keys,
+                inter_channels,
+                itemsize,
+                available=available,
+                block_bytes=block_bytes,
+                concurrent=1,
+            )
         if rows < 1:
             raise MemoryLimitError(
                 f"the Non-local block on {where} does not fit in the "

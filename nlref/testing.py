@@ -535,9 +535,7 @@ def compare(
 
 def _values(cache: Any) -> Any:
     """g (B, C′, N′) from nlref's cache, whether the attention was chunked or not."""
-    if getattr(cache, "aggregate", None) is not None:
-        return cache.aggregate.values
-    return cache.chunked.values
+    return cache.values
 
 
 def _attention(cache: Any) -> Any:

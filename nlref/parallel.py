@@ -1,0 +1,155 @@
+r"""Run independent blocks of the attention on several CPU threads.
+
+The attention of the block splits into independent pieces: batch element b and a block of
+query rows Q only need θ_{b,Q}, φ_b and g_b (every pairwise function normalises one query
+row at a time). :func:`nlref.forward` therefore evaluates the attention as a list of
+blocks, and on NumPy it hands contiguous runs of them to ``threads`` worker threads.
+
+- NumPy releases the GIL inside its ufuncs and its ``matmul``, so the threads really run
+  at once: the elementwise passes (softmax, ReLU, masks), which NumPy runs on one core,
+  then use every core, and each thread's matrix products run on their own core.
+- While the workers run, the BLAS library is limited to **one thread** (threadpoolctl), so
+  that two workers never start two BLAS thread pools on the same cores.
+- The work is split statically (worker w always gets the same blocks, in order) and the
+  workers' partial sums are added in worker order, so the results do not depend on
+  scheduling: the same ``threads`` gives the same bits on every run.
+
+Only CPU arrays use threads: ``threads=None`` picks :func:`default_threads` (the usable
+CPUs for a large enough NumPy block, else 1), and CuPy arrays always run on the calling
+thread. The formulas are the same whatever the thread count; only the order of a few
+floating-point sums over blocks changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import array_api_compat
+
+__all__ = [
+    "MIN_PARALLEL_ELEMENTS",
+    "default_threads",
+    "region",
+    "resolve_threads",
+    "run_split",
+    "split",
+    "usable_cpus",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MIN_PARALLEL_ELEMENTS = 2**16
+"""Below this many attention elements B·N·N′, ``threads=None`` runs on one thread: the
+work is too small to pay for handing it to workers (about 0.1 ms)."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one).
+
+    ``NLREF_NUM_THREADS`` overrides it (a positive int).
+    """
+    env = os.environ.get("NLREF_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"NLREF_NUM_THREADS must be a positive int, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"NLREF_NUM_THREADS must be a positive int, got {env!r}")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(x: Any, attention_elements: int) -> int:
+    """Threads for ``threads=None``: :func:`usable_cpus` for NumPy arrays when the
+    attention has at least :data:`MIN_PARALLEL_ELEMENTS` elements, else 1."""
+    if not array_api_compat.is_numpy_array(x) or attention_elements < MIN_PARALLEL_ELEMENTS:
+        return 1
+    return usable_cpus()
+
+
+def resolve_threads(threads: int | None, x: Any, attention_elements: int) -> int:
+    """Validate ``threads`` (None or an int ≥ 1) and return the thread count to use.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``threads`` is not None or a positive int, or is above 1 for CuPy arrays (GPU
+        work is queued on the device's stream: threads would not run it any sooner).
+    """
+    if threads is None:
+        return default_threads(x, attention_elements)
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise TypeError(f"threads must be None or an int >= 1, got {threads!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {threads}")
+    if threads > 1 and array_api_compat.is_cupy_array(x):
+        raise ValueError(
+            f"threads={threads} is for CPU arrays; CuPy arrays run on the calling thread "
+            "(use threads=None or 1)"
+        )
+    return threads
+
+
+def split(items: Sequence[T], parts: int) -> list[list[T]]:
+    """``items`` in at most ``parts`` contiguous runs of near-equal length, in order."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [len(items) * w // parts for w in range(parts + 1)]
+    return [list(items[bounds[w] : bounds[w + 1]]) for w in range(parts)]
+
+
+def run_split(work: Callable[[list[T]], R], items: Sequence[T], threads: int) -> list[R]:
+    """``[work(run) for run in split(items, threads)]``, the runs on ``threads`` threads.
+
+    With one run this is a plain call on the calling thread. Otherwise the runs go to a
+    thread pool and the results come back in run order; an exception in a run is raised
+    here. Call it inside :func:`region` (which keeps BLAS to one thread per worker).
+    """
+    runs = split(items, threads)
+    if len(runs) == 1:
+        return [work(runs[0])]
+    futures = [_pool(len(runs)).submit(work, run) for run in runs]
+    return [future.result() for future in futures]
+
+
+@contextlib.contextmanager
+def region(threads: int) -> Iterator[None]:
+    """Hold the BLAS library at one thread while nlref runs ``threads`` > 1 workers.
+
+    The whole forward (or backward) runs inside: OpenBLAS's own threads keep spinning for
+    a while after a multi-threaded call, and would take the cores from the workers. BLAS
+    limits are process-wide, so one region runs at a time (a re-entrant lock); the
+    previous limits are restored on exit. With ``threads`` = 1 nothing changes.
+    """
+    if threads <= 1:
+        yield
+        return
+    with _region_lock, _controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+_region_lock = threading.RLock()
+
+
+@functools.lru_cache(maxsize=8)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nlref")
+
+
+@functools.lru_cache(maxsize=1)
+def _controller() -> Any:
+    """threadpoolctl's view of the BLAS libraries loaded now (made once: scanning the
+    loaded libraries costs about half a millisecond)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
