@@ -204,12 +204,18 @@ class _NlrefSide:
         self.params = {k: xp.asarray(v) for k, v in params.items()}
         self._forward, self._backward = forward, backward
         self.plan = None
+        self.split = ""
 
     def run(self) -> dict[str, Any]:
         z, cache = self._forward(self.x, self.params, self.cfg, training=True)
         dx, grads = self._backward(self.dz, cache)
         self._sync()
         self.plan = cache.plan
+        if cache.threads == 1:
+            self.split = "1 thread"
+        else:
+            how = "batch split" if len(cache.parts) > 1 else "attention blocks split"
+            self.split = f"{cache.threads} threads, {how}"
         return {"z": z, "dx": dx, **grads}
 
     def host(self, a: Any) -> np.ndarray:
@@ -224,7 +230,11 @@ class _NlrefSide:
         plan = self.plan
         if plan is None:
             return {}
-        return {"plan": plan.reason, "chunk_size": plan.chunk_size, "n_chunks": plan.n_chunks}
+        return {
+            "plan": f"{plan.reason}; {self.split}",
+            "chunk_size": plan.chunk_size,
+            "n_chunks": plan.n_chunks,
+        }
 
 
 class _TorchSide:
@@ -431,6 +441,19 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 # ------------------------------------------------------------------------------- parent
 
 
+def _pause(seconds: float) -> None:
+    """Wait ``seconds`` busily, on this (parent) process's thread.
+
+    The workers are idle meanwhile, so the other side's spinning threads stop; but the
+    machine is kept out of its idle states: on a virtual machine, a run that starts after
+    all CPUs slept runs up to twice as slow for its first ~20 ms (measured here, for
+    either side), which is noise about the host, not about the two implementations.
+    """
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class _Worker:
     """A benchmark subprocess, driven over stdin / stdout."""
 
@@ -563,7 +586,7 @@ def run_case(
         order = list(sides)
         for i in range(repeats):
             for key in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-                time.sleep(pause)
+                _pause(pause)
                 results[key].times.append(float(workers[key].ask("run")["time"]))
         for key, worker in workers.items():
             reply = worker.ask("finish")
