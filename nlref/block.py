@@ -113,9 +113,12 @@ class AttentionCache:
         \bar\phi_β = \sum_Q \bar\phi_{β,Q}.
 
     When the attention is **materialised** each block keeps its attention and the
-    variant's cache (one block for all of it on one thread; one per thread otherwise).
+    variant's cache (one block for all of it, or, when its blocks are spread over T
+    threads, each batch element's queries in ⌈T/B⌉ row ranges).
     When it is **chunked** the blocks are ``chunk_size`` query rows of every batch
     element, nothing of size N × N′ is kept, and the backward recomputes each block.
+
+    B below is the batch run of the part this cache belongs to (:class:`PartCache`).
 
     Attributes
     ----------
@@ -351,9 +354,11 @@ def forward(
         chunk_size=chunk_size,
         available=available_memory(x) if memory_limit is None else int(memory_limit),
         block_bytes=chunk_memory(x),
-        concurrent=threads,
+        # T threads hold T blocks at once, except when each holds its own run of the batch
+        concurrent=1 if b >= threads else threads,
     )
-    threads = min(threads, plan.concurrent)
+    if b < threads:
+        threads = min(threads, plan.concurrent)
     xf = xp.reshape(x, (b, c, n))  # (B, C, N)
     batch_runs, inner_threads = _batch_runs(b, threads)
 

@@ -358,6 +358,8 @@ def gradcheck_block(
     *,
     training: bool = True,
     wrt: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    threads: int | None = None,
     **kwargs: Any,
 ) -> GradcheckResult:
     """:func:`gradcheck` of the whole block, on x and every trainable parameter.
@@ -370,6 +372,8 @@ def gradcheck_block(
         Batch-norm mode for the forward.
     wrt : sequence of str, optional
         Default ``["x", *nlref.trainable_names(cfg)]``.
+    chunk_size, threads : int or None
+        Passed to :func:`nlref.forward`: check the chunked or the threaded path.
     **kwargs
         Passed to :func:`gradcheck` (``mode``, ``rtol``, ``rng``, ...).
     """
@@ -379,7 +383,14 @@ def gradcheck_block(
     names = list(params)
 
     def fwd(inp: dict[str, Array]) -> tuple[Array, Any]:
-        return forward(inp["x"], {n: inp[n] for n in names}, cfg, training=training)
+        return forward(
+            inp["x"],
+            {n: inp[n] for n in names},
+            cfg,
+            training=training,
+            chunk_size=chunk_size,
+            threads=threads,
+        )
 
     def bwd(dz: Array, cache: Any) -> dict[str, Array]:
         dx, grads = backward(dz, cache)

@@ -22,6 +22,7 @@ floating-point sums over blocks changes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -73,9 +74,10 @@ def usable_cpus() -> int:
 def default_threads(x: Any, attention_elements: int) -> int:
     """Threads for ``threads=None``: :func:`usable_cpus` for NumPy arrays when the
     attention has at least :data:`MIN_PARALLEL_ELEMENTS` elements, else 1."""
+    cpus = usable_cpus()  # validates NLREF_NUM_THREADS whatever the size
     if not array_api_compat.is_numpy_array(x) or attention_elements < MIN_PARALLEL_ELEMENTS:
         return 1
-    return usable_cpus()
+    return cpus
 
 
 def resolve_threads(threads: int | None, x: Any, attention_elements: int) -> int:
@@ -112,13 +114,15 @@ def run_split(work: Callable[[list[T]], R], items: Sequence[T], threads: int) ->
     """``[work(run) for run in split(items, threads)]``, the runs on ``threads`` threads.
 
     With one run this is a plain call on the calling thread. Otherwise the runs go to a
-    thread pool and the results come back in run order; an exception in a run is raised
-    here. Call it inside :func:`region` (which keeps BLAS to one thread per worker).
+    thread pool and the results come back in run order; when a run raises, the others
+    are waited for and then the first exception (in run order) is raised here. Call it
+    inside :func:`region` (which keeps BLAS to one thread per worker).
     """
     runs = split(items, threads)
     if len(runs) == 1:
         return [work(runs[0])]
     futures = [_pool(len(runs)).submit(work, run) for run in runs]
+    concurrent.futures.wait(futures)  # all of them, even when one fails: none outlives us
     return [future.result() for future in futures]
 
 

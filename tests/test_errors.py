@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -132,6 +133,32 @@ def _() -> Any:
 def _() -> Any:
     _, params = make()
     return nlref.forward(x_of((2, 4, 3)), params, {"in_channels": 4})
+
+
+@case("threads-zero")
+def _() -> Any:
+    cfg, params = make()
+    return nlref.forward(x_of((2, 4, 3)), params, cfg, threads=0)
+
+
+@case("threads-not-int")
+def _() -> Any:
+    cfg, params = make()
+    return nlref.forward(x_of((2, 4, 3)), params, cfg, threads=2.0)
+
+
+@case("threads-env")
+def _() -> Any:
+    cfg, params = make()
+    before = os.environ.get("NLREF_NUM_THREADS")
+    os.environ["NLREF_NUM_THREADS"] = "many"
+    try:
+        return nlref.forward(x_of((2, 4, 3)), params, cfg)
+    finally:
+        if before is None:
+            del os.environ["NLREF_NUM_THREADS"]
+        else:
+            os.environ["NLREF_NUM_THREADS"] = before
 
 
 # --- forward: params -----------------------------------------------------------------------
