@@ -662,3 +662,46 @@ def test_worker_exception_propagates(
     assert not worker.is_alive(), "a threaded forward hung after a worker's exception"
     assert_same(box["out"], expected, rtol=1e-12, atol=1e-13)
     assert blas_threads() == before
+
+
+# --- 9. workers bound to CPUs ------------------------------------------------------------------
+
+
+def _worker_cpus(runs: int) -> list[set[int]]:
+    """The CPU set each of ``runs`` workers runs with, seen from inside the worker."""
+    import os
+
+    return parallel.run_split(lambda run: [os.sched_getaffinity(0)], list(range(runs)), runs)
+
+
+def test_workers_bound_one_cpu_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With binding on (the default), worker i runs on CPU i of the caller's set; with
+    NLREF_BIND_THREADS=0, or more workers than CPUs, every worker gets the caller's set
+    back (an earlier binding is undone)."""
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    monkeypatch.delenv("NLREF_BIND_THREADS", raising=False)
+    assert parallel.binds_threads()
+    if len(allowed) >= 2:
+        seen = _worker_cpus(2)
+        assert seen == [[{cpu}] for cpu in sorted(allowed)[:2]]
+    else:  # one CPU: two workers are more than the CPUs, so they are not bound
+        assert _worker_cpus(2) == [[allowed], [allowed]]
+    monkeypatch.setenv("NLREF_BIND_THREADS", "0")
+    assert not parallel.binds_threads()
+    assert _worker_cpus(2) == [[allowed], [allowed]]
+    monkeypatch.delenv("NLREF_BIND_THREADS")
+    too_many = len(allowed) + 1
+    assert all(cpus == [allowed] for cpus in _worker_cpus(too_many))
+    assert os.sched_getaffinity(0) == allowed  # the calling thread is never bound
+
+
+def test_bound_workers_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Binding changes where the workers run, not what they compute: same bits."""
+    cfg, x, dz, params = make_case("embedded_gaussian", "none", "batchnorm", 2)
+    monkeypatch.setenv("NLREF_BIND_THREADS", "1")
+    bound = run(x, dz, params, cfg, True, threads=2)
+    monkeypatch.setenv("NLREF_BIND_THREADS", "0")
+    free = run(x, dz, params, cfg, True, threads=2)
+    assert_same(bound, free, rtol=0.0, atol=0.0)
