@@ -37,6 +37,7 @@ __all__ = [
     "MIN_PARALLEL_ELEMENTS",
     "binds_threads",
     "default_threads",
+    "limited_libraries",
     "region",
     "resolve_threads",
     "run_split",
@@ -169,7 +170,7 @@ def region(threads: int) -> Iterator[None]:
     if threads <= 1:
         yield
         return
-    with _region_lock, _controller().limit(limits=1, user_api="blas"):
+    with _region_lock, _controller().limit(limits=1):
         yield
 
 
@@ -183,8 +184,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 @functools.lru_cache(maxsize=1)
 def _controller() -> Any:
-    """threadpoolctl's view of the BLAS libraries loaded now (made once: scanning the
-    loaded libraries costs about half a millisecond)."""
+    """threadpoolctl's view of the BLAS libraries loaded when it is first needed, NumPy's
+    among them (NumPy loads its BLAS on import). Made once: scanning the loaded libraries
+    costs about half a millisecond. A BLAS loaded later (PyTorch's, say) is not limited:
+    nlref never calls it."""
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()
+    return ThreadpoolController().select(user_api="blas")
+
+
+def limited_libraries() -> list[str]:
+    """Paths of the BLAS libraries :func:`region` holds at one thread."""
+    return [lib.filepath for lib in _controller().lib_controllers]

@@ -133,10 +133,14 @@ def expected_parts(batch: int, threads: int) -> list[tuple[int, int]]:
 
 
 def blas_threads() -> list[tuple[str, int]]:
+    """Threads of the BLAS libraries nlref limits (NumPy's; a BLAS loaded later, such as
+    PyTorch's, is not nlref's business)."""
+    limited = set(parallel.limited_libraries())
+    assert limited, "nlref.parallel limits no BLAS library: NumPy's BLAS was not found"
     return [
         (info["filepath"], info["num_threads"])
         for info in threadpoolctl.threadpool_info()
-        if info["user_api"] == "blas"
+        if info["user_api"] == "blas" and info["filepath"] in limited
     ]
 
 

@@ -441,19 +441,6 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 # ------------------------------------------------------------------------------- parent
 
 
-def _pause(seconds: float) -> None:
-    """Wait ``seconds`` busily, on this (parent) process's thread.
-
-    The workers are idle meanwhile, so the other side's spinning threads stop; but the
-    machine is kept out of its idle states: on a virtual machine, a run that starts after
-    all CPUs slept runs up to twice as slow for its first ~20 ms (measured here, for
-    either side), which is noise about the host, not about the two implementations.
-    """
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 class _Worker:
     """A benchmark subprocess, driven over stdin / stdout."""
 
@@ -586,7 +573,7 @@ def run_case(
         order = list(sides)
         for i in range(repeats):
             for key in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-                _pause(pause)
+                time.sleep(pause)
                 results[key].times.append(float(workers[key].ask("run")["time"]))
         for key, worker in workers.items():
             reply = worker.ask("finish")
