@@ -80,13 +80,17 @@ class AttentionBlock:
     ``queries`` = [i₀, i₁).
 
     ``attention`` (b₁ − b₀, i₁ − i₀, N′) and the variant's cache ``pairwise`` are kept when
-    the attention was materialised, and None when the backward recomputes the block.
+    the attention was materialised, and None when the backward recomputes the block. A
+    recomputed block of a softmax variant keeps its rows' max and reciprocal sum instead
+    (``softmax_rows``, O(rows)), so that the recomputation skips the row reductions and
+    gives the forward's bits (:mod:`nlref.layers.softmax`).
     """
 
     batch: tuple[int, int]
     queries: tuple[int, int]
     attention: Array | None = None
     pairwise: Any = None
+    softmax_rows: Any = None
 
 
 @dataclass(frozen=True)
@@ -148,13 +152,22 @@ class AttentionCache:
     stored: bool
     threads: int = 1
 
-    def evaluate(self, batch: tuple[int, int], queries: tuple[int, int]) -> tuple[Array, Any]:
+    def evaluate(
+        self,
+        batch: tuple[int, int],
+        queries: tuple[int, int],
+        softmax_rows: Any = None,
+    ) -> tuple[Array, Any]:
         """The attention of batch elements ``batch`` and query rows ``queries``,
-        (b₁ − b₀, i₁ − i₀, N′), and the variant's cache, computed from θ and φ."""
+        (b₁ − b₀, i₁ − i₀, N′), and the variant's cache, computed from θ and φ (without
+        the row reductions when a softmax variant's ``softmax_rows`` are given)."""
         variant = get_pairwise(self.pairwise)
         (b0, b1), (i0, i1) = batch, queries
         theta_rows = self.theta[b0:b1, :, i0:i1]  # (b1 - b0, C', i1 - i0)
-        return variant.forward(theta_rows, self.phi[b0:b1, ...], self.extra, self.scale)
+        phi = self.phi[b0:b1, ...]
+        if softmax_rows is None:
+            return variant.forward(theta_rows, phi, self.extra, self.scale)
+        return variant.forward(theta_rows, phi, self.extra, self.scale, rows=softmax_rows)
 
     def attention(self) -> Array:
         """All of the stored attention, (B, N, N′): the one block itself, or the blocks
@@ -476,6 +489,8 @@ def _forward_part(
             y_block, _ = aggregate.forward(attention, values)  # (b1 - b0, C', i1 - i0)
             if core.stored:
                 blk = replace(blk, attention=attention, pairwise=pairwise_cache)
+            elif variant.softmax:  # O(rows): the backward recomputes the block in one pass
+                blk = replace(blk, softmax_rows=pairwise_cache.rows)
             del attention, pairwise_cache  # kept by blk when materialised
             done.append((y_block, blk))
         return done
@@ -615,7 +630,7 @@ def _attention_backward(dy: Array, core: AttentionCache) -> tuple[PairwiseGrads,
             if core.stored:
                 attention, pairwise_cache = blk.attention, blk.pairwise
             else:
-                attention, pairwise_cache = core.evaluate(blk.batch, blk.queries)
+                attention, pairwise_cache = core.evaluate(blk.batch, blk.queries, blk.softmax_rows)
             values = core.values[b0:b1, ...]
             aggregate_cache = aggregate.AggregateCache(attention=attention, values=values)
             dattention, dg_part = aggregate.backward(dy[b0:b1, :, i0:i1], aggregate_cache)

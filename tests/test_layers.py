@@ -153,6 +153,22 @@ def test_softmax(xp):
     )
 
 
+def test_softmax_recomputed_from_row_stats_is_bitwise_equal(xp):
+    """forward(s, rows=cache.rows) skips the row reductions and gives the same bits (the
+    block's chunked backward relies on it), also on logits far from 0."""
+    rng = np.random.default_rng(5)
+    s = arr(xp, rng.standard_normal((2, 6, 9)) * 40 + 300)
+    p, cache = softmax.forward(s)
+    assert tuple(cache.rows.max.shape) == (2, 6, 1) == tuple(cache.rows.inv_sum.shape)
+    again, again_cache = softmax.forward(s, rows=cache.rows)
+    assert np.array_equal(nlref.to_numpy(again), nlref.to_numpy(p))
+    assert again_cache.rows is cache.rows
+    scratch = s + 0.0
+    in_place, _ = softmax.forward(scratch, overwrite_input=True, rows=cache.rows)
+    assert np.array_equal(nlref.to_numpy(in_place), nlref.to_numpy(p))
+    assert not np.array_equal(nlref.to_numpy(s), nlref.to_numpy(scratch))  # used as scratch
+
+
 def test_softmax_is_stable_for_huge_logits(xp):
     s = arr(xp, [[[1e4, 1e4 - 1.0, -1e4]]])
     p, _ = softmax.forward(s)

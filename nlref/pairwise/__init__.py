@@ -62,6 +62,9 @@ class Pairwise:
         True when f contains θᵢᵀφⱼ, so that ``NonLocalConfig.scale`` applies.
     softmax : bool
         True when C(x) = Σⱼ f (rows of the attention sum to 1); False when C(x) = N′.
+        A softmax variant's forward also takes ``rows=`` (the row statistics of an
+        earlier forward, its cache's ``rows``) to recompute the same attention without
+        the row reductions.
     extra_params : callable
         ``extra_params(inter_channels) -> {name: shape}`` for the variant's own trainable
         parameters (``{"concat.weight": (2C′,)}`` for concatenation).

@@ -45,19 +45,37 @@ class SoftmaxAttentionCache:
     logits: bilinear.BilinearCache
     softmax: softmax.SoftmaxCache
 
+    @property
+    def rows(self) -> softmax.RowStats:
+        """Each row's max and reciprocal sum: pass them back to :func:`forward` to
+        recompute the same attention without the row reductions."""
+        return self.softmax.rows
+
 
 def forward(
-    theta: Array, phi: Array, extra: Mapping[str, Array], scale: float
+    theta: Array,
+    phi: Array,
+    extra: Mapping[str, Array],
+    scale: float,
+    *,
+    rows: softmax.RowStats | None = None,
 ) -> tuple[Array, SoftmaxAttentionCache]:
-    """A = softmax_j(scale · θᵢᵀφⱼ), of shape (B, N, N′)."""
+    """A = softmax_j(scale · θᵢᵀφⱼ), of shape (B, N, N′).
+
+    ``rows``: the row statistics of an earlier forward on the same θ and φ
+    (``cache.rows``); the same attention is then recomputed without the row reductions.
+    """
     s, logits_cache = bilinear.forward(theta, phi, scale)
     # s is a new array made here: the softmax may shift it in place
-    attention, softmax_cache = softmax.forward(s, overwrite_input=True)
+    attention, softmax_cache = softmax.forward(s, overwrite_input=True, rows=rows)
     return attention, SoftmaxAttentionCache(logits=logits_cache, softmax=softmax_cache)
 
 
 def backward(
-    dattention: Array, cache: SoftmaxAttentionCache, *, overwrite_input: bool = False
+    dattention: Array,
+    cache: SoftmaxAttentionCache,
+    *,
+    overwrite_input: bool = False,
 ) -> PairwiseGrads:
     """Gradients of θ and φ from the gradient of the attention.
 
