@@ -15,10 +15,6 @@ Backward
 
     \bar g_b = \bar y_b A_b \quad (C′, N′),\qquad
     \bar A_b = \bar y_b^\top g_b \quad (N, N′)
-
-Layout: nlref keeps (N, N′) arrays *key-major*, i.e. stored as (N′, N) and seen through a
-transposed view (see :mod:`nlref.layers.bilinear`); Ā is made the same way, as the
-transpose of gᵀȳ, so that the variant's backward combines arrays of one layout.
 """
 
 from __future__ import annotations
@@ -41,7 +37,9 @@ class AggregateCache:
 def forward(attention: Array, values: Array) -> tuple[Array, AggregateCache]:
     """Return ``y = g Aᵀ`` of shape (B, C′, N) and the cache."""
     xp = namespace(attention, values)
-    y = xp.matmul(values, xp.matrix_transpose(attention))  # (B, C', N') @ (B, N', N)
+    # y = g A^T, computed as y^T = A g^T: the same product, with the (N, N') operand in
+    # its own row-major layout (faster for BLAS when C' is small); y is a transposed view
+    y = xp.matrix_transpose(xp.matmul(attention, xp.matrix_transpose(values)))
     return y, AggregateCache(attention=attention, values=values)
 
 
@@ -49,9 +47,7 @@ def backward(dy: Array, cache: AggregateCache) -> tuple[Array, Array]:
     """Return ``(dA, dg)`` for the upstream gradient ``dy`` of shape (B, C′, N)."""
     xp = namespace(dy)
     # forward was: y = g A^T
-    # dA = dy^T g, computed as its transpose g^T dy (B, N', N): key-major like A, and
-    # faster for BLAS when C' is small (the long N' axis as the rows of the product)
-    dattention = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(cache.values), dy))
+    dattention = xp.matmul(xp.matrix_transpose(dy), cache.values)  # (B, N, C') @ (B, C', N')
     # dg = dy A, computed as dg^T = A^T dy^T (faster for BLAS); a transposed view
     dvalues = xp.matrix_transpose(
         xp.matmul(xp.matrix_transpose(cache.attention), xp.matrix_transpose(dy))

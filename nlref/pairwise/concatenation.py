@@ -75,9 +75,7 @@ def forward(
     n_keys = phi.shape[-1]
     a = xp.matmul(w_theta, theta) / n_keys  # (C',) @ (B, C', N) -> (B, N), over N'
     b = xp.matmul(w_phi, phi) / n_keys  # (C',) @ (B, C', N') -> (B, N'), over N'
-    # (B, N, N'), no C' axis anywhere; built as its transpose b_j + a_i, (B, N', N), so
-    # that it is key-major like every (N, N') array of nlref (nlref.layers.bilinear)
-    pre = xp.matrix_transpose(b[:, :, None] + a[:, None, :])
+    pre = a[:, :, None] + b[:, None, :]  # (B, N, N'): no C' axis anywhere
     attention = xp.maximum(pre, 0.0)  # ReLU; NaN propagates, as in PyTorch's ReLU
     return attention, ConcatenationCache(theta=theta, phi=phi, weight=w, attention=attention)
 
