@@ -11,7 +11,6 @@ the memory check and ``cache.attention``'s explanation are tested.
 from __future__ import annotations
 
 import tracemalloc
-import zlib
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,10 @@ import pytest
 import nlref
 from nlref import perf
 
-B, C, C_INTER = 2, 4, 3
+from . import block_cases
+from .block_cases import C_INTER, C, assert_same, run
+
+B = 2
 SPATIAL = {1: ((11,), (2,)), 2: ((5, 6), (2, 2)), 3: ((3, 4, 5), (1, 2, 2))}
 SUB_SAMPLES = {
     "full": (False, "after_projection"),
@@ -36,43 +38,17 @@ def make_case(
 ) -> tuple[nlref.NonLocalConfig, Any, Any, dict[str, Any]]:
     spatial, kernel = SPATIAL[dims]
     pooled, order = SUB_SAMPLES[sub]
-    scale = 0.7 if nlref.pairwise.get(pairwise).uses_scale else None
-    cfg = nlref.NonLocalConfig(
-        in_channels=C,
-        inter_channels=C_INTER,
-        pairwise=pairwise,
-        scale=scale,
-        sub_sample=kernel if pooled else None,
-        pool_order=order,
-        norm=norm,
+    return block_cases.make_case(
+        pairwise,
+        B,
+        spatial,
+        kernel if pooled else None,
+        order,
+        norm,
+        seed=f"{pairwise}-{dims}-{sub}-{norm}",
+        dtype=dtype,
+        xp=xp,
     )
-    rng = np.random.default_rng(zlib.crc32(f"{pairwise}-{dims}-{sub}-{norm}".encode()))
-    params = nlref.init_params(cfg, rng=rng, scheme="random", dtype=dtype, xp=xp)
-    x = nlref.draw_smooth_input(cfg, params, (B, C, *spatial), rng=rng)
-    dz = rng.standard_normal((B, C, *spatial))
-    if xp is not None:
-        x = xp.asarray(nlref.to_numpy(x), dtype=getattr(xp, dtype))
-        dz = xp.asarray(dz, dtype=getattr(xp, dtype))
-    else:
-        x = np.asarray(x, dtype=dtype)
-        dz = dz.astype(dtype)
-    return cfg, x, dz, params
-
-
-def run(x: Any, dz: Any, params: dict[str, Any], cfg: Any, training: bool, **kw: Any) -> dict:
-    z, cache = nlref.forward(x, params, cfg, training=training, **kw)
-    dx, grads = nlref.backward(dz, cache)
-    out = {"z": z, "dx": dx, **grads, **cache.updated_buffers}
-    return {"cache": cache, **{k: nlref.to_numpy(v) for k, v in out.items()}}
-
-
-def assert_same(a: dict, b: dict, rtol: float, atol: float) -> None:
-    """Equal to ``rtol``; ``atol`` is relative to the largest magnitude of all outputs, for
-    the gradients that are zero by construction (rounding noise on both paths)."""
-    names = [n for n in a if n != "cache"]
-    scale = max(float(np.max(np.abs(b[n]))) for n in names)
-    for name in names:
-        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol * scale, err_msg=name)
 
 
 @pytest.mark.parametrize("norm_id", list(NORMS))

@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import threading
 import time
-import zlib
 from typing import Any
 
 import array_api_compat
@@ -32,9 +31,10 @@ import threadpoolctl
 import nlref
 from nlref import parallel, perf
 
+from . import block_cases
+from .block_cases import C_INTER, C, assert_same, outputs, run
 from .conftest import require
 
-C, C_INTER = 4, 3
 SPATIAL, KERNEL = (5, 6), (2, 2)  # N = 30 queries, N′ = 6 keys after pooling
 N = 30
 SUB_SAMPLES = {
@@ -72,49 +72,18 @@ def make_case(
     spatial: tuple[int, ...] = SPATIAL,
     kernel: tuple[int, ...] = KERNEL,
 ) -> tuple[nlref.NonLocalConfig, Any, Any, dict[str, Any]]:
-    """Random non-degenerate params, a smooth input x (B, C, *spatial) and an upstream dz."""
     pooled, order = SUB_SAMPLES[sub]
-    scale = 0.7 if nlref.pairwise.get(pairwise).uses_scale else None
-    cfg = nlref.NonLocalConfig(
-        in_channels=C,
-        inter_channels=C_INTER,
-        pairwise=pairwise,
-        scale=scale,
-        sub_sample=kernel if pooled else None,
-        pool_order=order,
-        norm=norm,
+    return block_cases.make_case(
+        pairwise,
+        batch,
+        spatial,
+        kernel if pooled else None,
+        order,
+        norm,
+        seed=f"{pairwise}-{sub}-{norm}-{batch}-{spatial}",
+        dtype=dtype,
+        xp=xp,
     )
-    seed = zlib.crc32(f"{pairwise}-{sub}-{norm}-{batch}-{spatial}".encode())
-    rng = np.random.default_rng(seed)
-    params = nlref.init_params(cfg, rng=rng, scheme="random", dtype=dtype, xp=xp)
-    x = nlref.draw_smooth_input(cfg, params, (batch, C, *spatial), rng=rng)
-    dz = rng.standard_normal((batch, C, *spatial))
-    if xp is None:
-        return cfg, np.asarray(x, dtype=dtype), dz.astype(dtype), params
-    return cfg, x, xp.asarray(dz, dtype=getattr(xp, dtype)), params
-
-
-def run(x: Any, dz: Any, params: dict[str, Any], cfg: Any, training: bool, **kw: Any) -> dict:
-    """Forward and backward; the outputs as NumPy arrays, and the cache."""
-    z, cache = nlref.forward(x, params, cfg, training=training, **kw)
-    dx, grads = nlref.backward(dz, cache)
-    out = {"z": z, "dx": dx, **grads, **cache.updated_buffers, "values": cache.values}
-    return {"cache": cache, **{k: nlref.to_numpy(v) for k, v in out.items()}}
-
-
-def outputs(result: dict) -> list[str]:
-    return [name for name in result if name != "cache"]
-
-
-def assert_same(a: dict, b: dict, rtol: float, atol: float, msg: str = "") -> None:
-    """Equal to ``rtol``; ``atol`` is relative to the largest magnitude of all outputs, for
-    the gradients that are zero by construction (rounding noise on both paths)."""
-    assert outputs(a) == outputs(b), msg
-    scale = max(float(np.max(np.abs(b[n]))) for n in outputs(b))
-    for name in outputs(a):
-        np.testing.assert_allclose(
-            a[name], b[name], rtol=rtol, atol=atol * scale, err_msg=f"{msg}: {name}"
-        )
 
 
 def assert_identical(a: dict, b: dict, msg: str = "") -> None:
