@@ -489,7 +489,7 @@ def _forward_part(
             y_block, _ = aggregate.forward(attention, values)  # (b1 - b0, C', i1 - i0)
             if core.stored:
                 blk = replace(blk, attention=attention, pairwise=pairwise_cache)
-            elif variant.softmax:  # O(rows): the backward recomputes the block in one pass
+            elif variant.softmax:  # O(rows): the backward recomputes without row reductions
                 blk = replace(blk, softmax_rows=pairwise_cache.rows)
             del attention, pairwise_cache  # kept by blk when materialised
             done.append((y_block, blk))
@@ -676,23 +676,17 @@ def _plan_blocks(batch: int, n: int, plan: AttentionPlan, threads: int) -> list[
     """The blocks the attention is evaluated in.
 
     Chunked: ``plan.chunk_size`` query rows of every batch element per block. Materialised:
-    one block on one thread; with T threads, T runs of batch elements when B ≥ T, else
-    every batch element split into ⌈T / B⌉ runs of queries.
+    one block; with T > B threads (:func:`forward` gives a part more than one thread only
+    then), every batch element split into ⌈T / B⌉ ranges of queries.
     """
     if not plan.materialised:
         k = plan.chunk_size
         return [AttentionBlock((0, batch), (i, min(i + k, n))) for i in range(0, n, k)]
-    if threads >= 2 and batch >= threads:
-        return [
-            AttentionBlock((run[0], run[-1] + 1), (0, n)) for run in split(range(batch), threads)
-        ]
-    parts = min(n, -(-threads // batch))
+    parts = min(n, -(-threads // batch))  # T > B only: forward splits the batch otherwise
+    if parts == 1:
+        return [AttentionBlock((0, batch), (0, n))]
     rows = [(n * p // parts, n * (p + 1) // parts) for p in range(parts)]
-    return [
-        AttentionBlock((b, b + 1) if parts > 1 else (0, batch), q)
-        for b in range(batch if parts > 1 else 1)
-        for q in rows
-    ]
+    return [AttentionBlock((b, b + 1), q) for b in range(batch) for q in rows]
 
 
 def _join(arrays: list[Array], blocks: Any, query_axis: int = 1) -> Array:

@@ -8,8 +8,11 @@ blocks, and on NumPy it hands contiguous runs of them to ``threads`` worker thre
 - NumPy releases the GIL inside its ufuncs and its ``matmul``, so the threads really run
   at once: the elementwise passes (softmax, ReLU, masks), which NumPy runs on one core,
   then use every core, and each thread's matrix products run on their own core.
-- While the workers run, the BLAS library is limited to **one thread** (threadpoolctl), so
-  that two workers never start two BLAS thread pools on the same cores.
+- For the whole forward (and the whole backward) the BLAS library is limited to **one
+  thread** (threadpoolctl, :func:`region`), so that two workers never start two BLAS
+  thread pools on the same cores, and no idle BLAS thread spins on them.
+- Worker i is bound to CPU i of the caller's CPU set (``NLREF_BIND_THREADS=0`` turns it
+  off), so that workers woken after a pause do not start on one CPU.
 - The work is split statically (worker w always gets the same blocks, in order) and the
   workers' partial sums are added in worker order, so the results do not depend on
   scheduling: the same ``threads`` gives the same bits on every run.

@@ -306,6 +306,17 @@ def plan_attention(
     threads_note = f" and {concurrent} blocks at a time (threads)" if concurrent > 1 else ""
     if chunk_size is not None:
         rows = min(chunk_size, n)
+        if not fits(rows) and concurrent > 1:  # fewer blocks at a time before giving up
+            return plan_attention(
+                shape,
+                n_keys,
+                inter_channels,
+                itemsize,
+                chunk_size=chunk_size,
+                available=available,
+                block_bytes=block_bytes,
+                concurrent=1,
+            )
         if not fits(rows):
             smallest = working_set_bytes(*dims, 1, concurrent)
             hint = (

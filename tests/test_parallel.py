@@ -466,6 +466,22 @@ def test_memory_fallback_records_fewer_threads() -> None:
     assert_same(out, run(x, dz, params, cfg, True, threads=1), rtol=1e-12, atol=1e-13)
 
 
+def test_memory_fallback_with_a_given_chunk_size() -> None:
+    """A given chunk_size that fits one block at a time but not two runs on one thread
+    instead of raising; one that does not fit even alone still raises."""
+    cfg, x, dz, params = make_case("embedded_gaussian", "none", "batchnorm", 1)
+    dims = (1, C, C_INTER, N, N, 8)
+    limit = perf.working_set_bytes(*dims, 4, 1)
+    assert perf.working_set_bytes(*dims, 4, 2) > limit
+    out = run(x, dz, params, cfg, True, threads=2, chunk_size=4, memory_limit=limit)
+    assert out["cache"].plan.concurrent == 1 and out["cache"].plan.chunk_size == 4
+    assert out["cache"].threads == 1
+    one = run(x, dz, params, cfg, True, threads=1, chunk_size=4)
+    assert_same(out, one, rtol=1e-12, atol=1e-13)
+    with pytest.raises(nlref.MemoryLimitError, match="chunk_size=8"):
+        nlref.forward(x, params, cfg, threads=2, chunk_size=8, memory_limit=limit)
+
+
 # --- 6. errors ----------------------------------------------------------------------------
 
 
