@@ -257,6 +257,23 @@ def test_threaded_gradcheck_block_default_threads(
     assert result.ok, str(result)
 
 
+def test_gradcheck_block_passes_chunk_size_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradcheck_block(chunk_size=, threads=) checks that path: every forward it runs is
+    chunked and threaded as asked."""
+    cfg, x, _, params = make_case("embedded_gaussian", "after", "batchnorm", 1)
+    forward, plans = nlref.block.forward, []
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        z, cache = forward(*args, **kwargs)
+        plans.append((cache.plan.chunk_size, cache.threads))
+        return z, cache
+
+    monkeypatch.setattr(nlref.block, "forward", recording_forward)
+    result = nlref.gradcheck_block(cfg, x, params, rng=1, chunk_size=4, threads=2)
+    assert result.ok, str(result)
+    assert plans and set(plans) == {(4, 2)}
+
+
 # --- 3. determinism, nothing mutated ------------------------------------------------------
 
 
