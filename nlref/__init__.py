@@ -16,13 +16,13 @@ True
 (2, 16, 16)
 """
 
-from . import interop, layers, pairwise, parallel, presets, testing, vectors  # no torch import
+from . import engine, interop, layers, pairwise, presets, testing, vectors  # no torch import
 from ._backend import to_numpy
-from .block import BlockCache, apply_buffer_updates, backward, forward
+from .block import BlockCache, backward, forward
 from .config import NonLocalConfig
+from .engine import AttentionNotStoredError, MemoryLimitError
 from .gradcheck import GradcheckError, GradcheckResult, gradcheck, gradcheck_block
-from .params import BUFFERS, init_params, param_shapes, trainable_names
-from .perf import AttentionNotStoredError, MemoryLimitError
+from .params import BUFFERS, apply_buffer_updates, init_params, param_shapes, trainable_names
 from .presets import preset
 from .sampling import draw_smooth_case, draw_smooth_input, nonsmooth_margin
 
@@ -41,6 +41,7 @@ __all__ = [
     "backward",
     "draw_smooth_case",
     "draw_smooth_input",
+    "engine",
     "forward",
     "gradcheck",
     "gradcheck_block",
@@ -49,7 +50,6 @@ __all__ = [
     "layers",
     "nonsmooth_margin",
     "pairwise",
-    "parallel",
     "param_shapes",
     "preset",
     "presets",

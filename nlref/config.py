@@ -144,6 +144,13 @@ class NonLocalConfig:
         """The factor applied to θᵢᵀφⱼ: ``scale``, or 1.0 when ``scale`` is None."""
         return 1.0 if self.scale is None else self.scale
 
+    def key_shape(self, spatial: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """The keys' spatial shape for queries on the grid ``spatial``: ``spatial`` after the
+        max-pool of ``sub_sample`` (floor), or ``spatial`` itself; N′ is its product."""
+        if self.sub_sample is None:
+            return tuple(spatial)
+        return tuple(s // k for s, k in zip(spatial, self.sub_sample, strict=True))
+
     @property
     def embeds(self) -> bool:
         """Whether the pairwise function uses the θ and φ projections (all but Gaussian)."""

@@ -31,7 +31,9 @@ from .pairwise import get as get_pairwise
 __all__ = [
     "BUFFERS",
     "SCHEMES",
+    "apply_buffer_updates",
     "check_params",
+    "in_param_order",
     "init_params",
     "param_shapes",
     "trainable_names",
@@ -66,6 +68,23 @@ def param_shapes(cfg: NonLocalConfig) -> dict[str, tuple[int, ...]]:
         for name in ("bn.weight", "bn.bias", *BUFFERS):
             shapes[name] = (c,)
     return shapes
+
+
+def apply_buffer_updates(params: Mapping[str, Array], cache: Any) -> dict[str, Array]:
+    """A new params dict with the BN running statistics of ``cache`` (from
+    :func:`nlref.forward`) applied. ``params`` itself is not modified; without batch norm,
+    or after an eval-mode forward, the result equals it."""
+    if not hasattr(cache, "updated_buffers") or not hasattr(cache, "cfg"):
+        raise TypeError(
+            f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
+        )
+    return {**params, **cache.updated_buffers}
+
+
+def in_param_order(grads: Mapping[str, Array], cfg: NonLocalConfig) -> dict[str, Array]:
+    """``grads`` in the canonical order of :func:`param_shapes` (the order of
+    :func:`nlref.backward`'s gradients)."""
+    return {name: grads[name] for name in param_shapes(cfg) if name in grads}
 
 
 def trainable_names(cfg: NonLocalConfig) -> tuple[str, ...]:

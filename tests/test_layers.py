@@ -153,20 +153,27 @@ def test_softmax(xp):
     )
 
 
-def test_softmax_recomputed_from_row_stats_is_bitwise_equal(xp):
-    """forward(s, rows=cache.rows) skips the row reductions and gives the same bits (the
-    block's chunked backward relies on it), also on logits far from 0."""
+def test_engine_softmax_in_place_is_bitwise_the_layer(xp):
+    """The engine's in-place softmax (forward, recompute from row statistics, backward) gives
+    the layer's bits, also on logits far from 0; it works in the memory it is handed only on
+    NumPy and CuPy."""
+    from nlref.engine import inplace
+
     rng = np.random.default_rng(5)
     s = arr(xp, rng.standard_normal((2, 6, 9)) * 40 + 300)
     p, cache = softmax.forward(s)
-    assert tuple(cache.rows.max.shape) == (2, 6, 1) == tuple(cache.rows.inv_sum.shape)
-    again, again_cache = softmax.forward(s, rows=cache.rows)
-    assert np.array_equal(nlref.to_numpy(again), nlref.to_numpy(p))
-    assert again_cache.rows is cache.rows
     scratch = s + 0.0
-    in_place, _ = softmax.forward(scratch, overwrite_input=True, rows=cache.rows)
-    assert np.array_equal(nlref.to_numpy(in_place), nlref.to_numpy(p))
-    assert not np.array_equal(nlref.to_numpy(s), nlref.to_numpy(scratch))  # used as scratch
+    again, stats = inplace.softmax_forward(scratch)
+    assert np.array_equal(nlref.to_numpy(again), nlref.to_numpy(p))
+    assert tuple(stats.max.shape) == (2, 6, 1) == tuple(stats.inv_sum.shape)
+    recomputed, same = inplace.softmax_forward(s + 0.0, stats)
+    assert same is stats and np.array_equal(nlref.to_numpy(recomputed), nlref.to_numpy(p))
+    dp = arr(xp, rng.standard_normal((2, 6, 9)))
+    ds = softmax.backward(dp, cache)
+    handed = dp + 0.0
+    ds_engine = inplace.softmax_backward(handed, p)
+    assert np.array_equal(nlref.to_numpy(ds_engine), nlref.to_numpy(ds))
+    assert (ds_engine is handed) == inplace.owns_memory(handed)
 
 
 def test_softmax_is_stable_for_huge_logits(xp):

@@ -17,7 +17,7 @@ import pytest
 
 import nlref
 from nlref.demo import optim, toy
-from nlref.layers import conv2d, cross_entropy, global_pool, linear, relu
+from nlref.demo.layers import conv2d, cross_entropy, global_pool, linear, relu
 
 from .conftest import require
 

@@ -210,12 +210,13 @@ class _NlrefSide:
         z, cache = self._forward(self.x, self.params, self.cfg, training=True)
         dx, grads = self._backward(self.dz, cache)
         self._sync()
-        self.plan = cache.plan
-        if cache.threads == 1:
+        self.plan = getattr(cache, "plan", None)  # None: the reference path ran
+        threads = getattr(cache, "threads", 1)
+        if threads == 1:
             self.split = "1 thread"
         else:
-            how = "batch split" if len(cache.parts) > 1 else "attention blocks split"
-            self.split = f"{cache.threads} threads, {how}"
+            how = "batch split" if len(cache.runs) > 1 else "tiles split"
+            self.split = f"{threads} threads, {how}"
         return {"z": z, "dx": dx, **grads}
 
     def host(self, a: Any) -> np.ndarray:
@@ -229,11 +230,11 @@ class _NlrefSide:
     def info(self) -> dict[str, Any]:
         plan = self.plan
         if plan is None:
-            return {}
+            return {"plan": f"reference path; {self.split}", "chunk_size": None, "n_tiles": 1}
         return {
             "plan": f"{plan.reason}; {self.split}",
             "chunk_size": plan.chunk_size,
-            "n_chunks": plan.n_chunks,
+            "n_tiles": plan.n_tiles,
         }
 
 
@@ -633,7 +634,7 @@ def run_bench(
     turns it into the table.
     """
     from .. import __version__
-    from ..perf import gemm_flops
+    from ..engine.cost import gemm_flops
 
     threads = threads or os.cpu_count() or 1
     reference_lib = "torch"

@@ -53,10 +53,11 @@ import numpy as np
 from .. import block as nl_block
 from .._backend import Array, namespace, to_numpy
 from ..config import NonLocalConfig
-from ..layers import conv2d, cross_entropy, global_pool, linear, projection, relu
+from ..layers import projection
 from ..params import BUFFERS
 from ..params import init_params as init_block_params
 from . import optim
+from .layers import conv2d, cross_entropy, global_pool, linear, relu
 
 __all__ = [
     "KINDS",

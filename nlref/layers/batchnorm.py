@@ -100,20 +100,19 @@ def forward(
                 "use training=False or a larger batch"
             )
         mean = xp.mean(h, axis=(0, 2))
-        normalised = h - mean[:, None]  # centred, a new array: normalised in place below
+        centred = h - mean[:, None]
         # biased variance, the mean of squared deviations: sum over N as one vecdot per
         # (b, c), then over B
-        var = xp.sum(xp.vecdot(normalised, normalised, axis=-1), axis=0) / m
+        var = xp.sum(xp.vecdot(centred, centred, axis=-1), axis=0) / m
         inv_std = 1.0 / xp.sqrt(var + eps)
-        normalised *= inv_std[:, None]
+        normalised = centred * inv_std[:, None]
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * (var * (m / (m - 1)))
     else:
         inv_std = 1.0 / xp.sqrt(running_var + eps)
         normalised = (h - running_mean[:, None]) * inv_std[:, None]
         new_mean, new_var = running_mean, running_var
-    out = weight[:, None] * normalised
-    out += bias[:, None]  # in place: out is ours
+    out = weight[:, None] * normalised + bias[:, None]
     cache = BatchNormCache(
         training=training,
         normalised=normalised,
@@ -139,9 +138,7 @@ def backward(dout: Array, cache: BatchNormCache) -> BatchNormGrads:
         m = dout.shape[0] * dout.shape[2]
         # dh = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         #    = gamma * inv_std * (dout - dbias / M - xhat * dweight / M)
-        dh = dout - xhat * (dweight / m)[:, None]  # a new array: finished in place
-        dh -= (dbias / m)[:, None]
-        dh *= gamma_inv_std[:, None]
+        dh = gamma_inv_std[:, None] * (dout - (dbias / m)[:, None] - xhat * (dweight / m)[:, None])
     else:
         dh = dout * gamma_inv_std[:, None]  # forward was: xhat = (h - mu_r) * inv_std
     return BatchNormGrads(dh=dh, dweight=dweight, dbias=dbias)

@@ -42,7 +42,15 @@ import array_api_compat
 
 from .._backend import Array, namespace
 
-__all__ = ["MaxPoolCache", "backward", "forward", "output_size", "windows"]
+__all__ = [
+    "MaxPoolCache",
+    "backward",
+    "backward_flat",
+    "forward",
+    "forward_flat",
+    "output_size",
+    "windows",
+]
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,23 @@ def backward(dout: Array, cache: MaxPoolCache) -> Array:
             )
             dcrop = xp.concat([dcrop, zeros], axis=axis)
     return dcrop
+
+
+def forward_flat(
+    u: Array, kernel: tuple[int, ...], spatial: tuple[int, ...]
+) -> tuple[Array, MaxPoolCache]:
+    """:func:`forward` on flattened positions: u (B, C, N) on the grid ``spatial`` (N =
+    prod(spatial)) -> (B, C, N′) with N′ = prod(output_size(spatial, kernel))."""
+    xp = namespace(u)
+    b, c = u.shape[0], u.shape[1]
+    out, cache = forward(xp.reshape(u, (b, c, *spatial)), kernel)
+    return xp.reshape(out, (b, c, math.prod(out.shape[2:]))), cache
+
+
+def backward_flat(dout: Array, cache: MaxPoolCache) -> Array:
+    """:func:`backward` on flattened positions: (B, C, N′) -> (B, C, N)."""
+    xp = namespace(dout)
+    b, c, *spatial = cache.input_shape
+    pooled = output_size(tuple(spatial), cache.kernel)
+    dx = backward(xp.reshape(dout, (b, c, *pooled)), cache)
+    return xp.reshape(dx, (b, c, math.prod(spatial)))

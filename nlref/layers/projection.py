@@ -54,7 +54,7 @@ def forward(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, 
     xp = namespace(x, weight)
     u = xp.matmul(weight, x)  # (C_out, C_in) @ (B, C_in, N) -> (B, C_out, N)
     if bias is not None:
-        u += bias[:, None]  # in place: u is the new array from matmul
+        u = u + bias[:, None]
     return u, ProjectionCache(x=x, weight=weight, has_bias=bias is not None)
 
 

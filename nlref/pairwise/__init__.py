@@ -1,17 +1,22 @@
 r"""The registry of pairwise functions f(·,·) with their normalisation C(x).
 
 Every variant lives in one module of this package and registers a :class:`Pairwise`
-there. Modules are discovered automatically, so adding a variant means adding one file;
-the tests, the gradient-check CLI and the docs iterate over :func:`names`.
+there. Modules are discovered automatically, so adding a variant means adding one file:
+the block, the gradient check, the cost model (:mod:`nlref.engine.cost`), the engine and
+the command line read everything they need from the registered :class:`Pairwise`, and
+never test a variant's name.
 
 A variant maps queries θ (B, C′, N) and keys φ (B, C′, N′) (for the Gaussian, x itself
 and pool(x)) to the normalised attention A = f / C(x) of shape (B, N, N′), and back:
 
 - ``forward(theta, phi, extra, scale) -> (attention, cache)``, where ``extra`` maps the
   names of the variant's own parameters (:attr:`Pairwise.extra_params`) to arrays;
-- ``backward(dattention, cache) -> PairwiseGrads``. A backward that also accepts the
-  keyword ``overwrite_input`` gets ``overwrite_input=True`` from the block, which hands
-  over the array it made itself: the variant may then compute in its memory.
+- ``backward(dattention, cache) -> PairwiseGrads``.
+
+Both are plain formulas: no in-place updates, no options for speed. A softmax variant
+(C(x) = Σⱼ f) also declares its **logits** step s = logits(θ, φ), so that A =
+softmax(s): the engine (:mod:`nlref.engine`) then runs the softmax in place on arrays it
+made itself and recomputes tiles of A from row statistics, with the same formulas.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from typing import Any
 
 from .._backend import Array
 
-__all__ = ["Pairwise", "PairwiseGrads", "all_variants", "get", "names", "register"]
+__all__ = [
+    "Logits",
+    "Pairwise",
+    "PairwiseGrads",
+    "all_variants",
+    "get",
+    "names",
+    "register",
+    "unregister",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,22 @@ class PairwiseGrads:
 
 
 @dataclass(frozen=True)
+class Logits:
+    """The step before the softmax of a softmax variant: s = logits(θ, φ) (B, N, N′).
+
+    Attributes
+    ----------
+    forward : callable
+        ``forward(theta, phi, extra, scale) -> (s, cache)``.
+    backward : callable
+        ``backward(ds, cache) -> PairwiseGrads``.
+    """
+
+    forward: Callable[[Array, Array, Mapping[str, Array], float], tuple[Array, Any]]
+    backward: Callable[[Array, Any], PairwiseGrads]
+
+
+@dataclass(frozen=True)
 class Pairwise:
     """One registered pairwise function.
 
@@ -60,16 +90,24 @@ class Pairwise:
         True when θ and φ are learned projections; False for the Gaussian, which uses x.
     uses_scale : bool
         True when f contains θᵢᵀφⱼ, so that ``NonLocalConfig.scale`` applies.
+    forward, backward : callable
+        See the module docstring.
+    has_logits : bool
+        For the cost model: f contains an inner product θᵢᵀφⱼ per query–key pair, a
+        (B, N, N′) matrix product that a tiled backward computes again.
+    pair_flops : callable
+        For the cost model: ``pair_flops(channels) -> int``, the FLOPs (2 per
+        multiply-add) of the matrix products of f per query–key pair in the forward, for
+        an inner product over ``channels`` (C′, or C for the Gaussian). The backward costs
+        twice that.
     softmax : bool
-        True when C(x) = Σⱼ f (rows of the attention sum to 1); False when C(x) = N′.
-        A softmax variant's forward also takes ``rows=`` (the row statistics of an
-        earlier forward, its cache's ``rows``) to recompute the same attention without
-        the row reductions.
+        True when C(x) = Σⱼ f: A = softmax(logits(θ, φ)) and every row sums to 1; False
+        when C(x) does not depend on f (N′).
+    logits : Logits or None
+        The step before the softmax; required when ``softmax`` is True.
     extra_params : callable
         ``extra_params(inter_channels) -> {name: shape}`` for the variant's own trainable
         parameters (``{"concat.weight": (2C′,)}`` for concatenation).
-    forward, backward : callable
-        See the module docstring.
     """
 
     name: str
@@ -77,10 +115,17 @@ class Pairwise:
     order: int
     embeds: bool
     uses_scale: bool
-    softmax: bool
     forward: Callable[[Array, Array, Mapping[str, Array], float], tuple[Array, Any]]
-    backward: Callable[..., PairwiseGrads]
+    backward: Callable[[Array, Any], PairwiseGrads]
+    has_logits: bool
+    pair_flops: Callable[[int], int]
+    softmax: bool = False
+    logits: Logits | None = None
     extra_params: Callable[[int], dict[str, tuple[int, ...]]] = lambda inter_channels: {}
+
+    def __post_init__(self) -> None:
+        if self.softmax and self.logits is None:
+            raise ValueError(f"softmax variant {self.name!r} must declare its logits step")
 
 
 _REGISTRY: dict[str, Pairwise] = {}
@@ -92,6 +137,11 @@ def register(variant: Pairwise) -> Pairwise:
         raise ValueError(f"a pairwise function named {variant.name!r} is already registered")
     _REGISTRY[variant.name] = variant
     return variant
+
+
+def unregister(name: str) -> None:
+    """Remove the variant called ``name`` (for variants registered by tests or notebooks)."""
+    _REGISTRY.pop(name, None)
 
 
 def names() -> tuple[str, ...]:

@@ -106,9 +106,10 @@ VARIANT = register(
         order=3,
         embeds=True,
         uses_scale=False,
-        softmax=False,
         forward=forward,
         backward=backward,
+        has_logits=False,  # w_θᵀθ_i + w_φᵀφ_j: O(N + N′) products, then (B, N, N′) adds
+        pair_flops=lambda channels: 0,
         extra_params=lambda inter_channels: {WEIGHT: (2 * inter_channels,)},
     )
 )

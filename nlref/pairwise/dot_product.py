@@ -51,8 +51,9 @@ VARIANT = register(
         order=2,
         embeds=True,
         uses_scale=True,
-        softmax=False,
         forward=forward,
         backward=backward,
+        has_logits=True,
+        pair_flops=lambda channels: 2 * channels,  # θ_iᵀφ_j
     )
 )

@@ -33,57 +33,45 @@ from dataclasses import dataclass
 
 from .._backend import Array
 from ..layers import bilinear, softmax
-from . import Pairwise, PairwiseGrads, register
+from . import Logits, Pairwise, PairwiseGrads, register
 
-__all__ = ["SoftmaxAttentionCache", "backward", "forward"]
+__all__ = ["EmbeddedGaussianCache", "backward", "forward", "logits_backward", "logits_forward"]
 
 
 @dataclass(frozen=True)
-class SoftmaxAttentionCache:
-    """Caches of the two steps: logits, then softmax."""
+class EmbeddedGaussianCache:
+    """The caches of the two steps: the logits, then the softmax."""
 
     logits: bilinear.BilinearCache
     softmax: softmax.SoftmaxCache
 
-    @property
-    def rows(self) -> softmax.RowStats:
-        """Each row's max and reciprocal sum: pass them back to :func:`forward` to
-        recompute the same attention without the row reductions."""
-        return self.softmax.rows
+
+def logits_forward(
+    theta: Array, phi: Array, extra: Mapping[str, Array], scale: float
+) -> tuple[Array, bilinear.BilinearCache]:
+    """The logits s = scale · θᵢᵀφⱼ, of shape (B, N, N′)."""
+    return bilinear.forward(theta, phi, scale)
+
+
+def logits_backward(ds: Array, cache: bilinear.BilinearCache) -> PairwiseGrads:
+    """Gradients of θ and φ from the gradient of the logits."""
+    dtheta, dphi = bilinear.backward(ds, cache)
+    return PairwiseGrads(dtheta=dtheta, dphi=dphi)
 
 
 def forward(
-    theta: Array,
-    phi: Array,
-    extra: Mapping[str, Array],
-    scale: float,
-    *,
-    rows: softmax.RowStats | None = None,
-) -> tuple[Array, SoftmaxAttentionCache]:
-    """A = softmax_j(scale · θᵢᵀφⱼ), of shape (B, N, N′).
-
-    ``rows``: the row statistics of an earlier forward on the same θ and φ
-    (``cache.rows``); the same attention is then recomputed without the row reductions.
-    """
-    s, logits_cache = bilinear.forward(theta, phi, scale)
-    # s is a new array made here: the softmax may shift it in place
-    attention, softmax_cache = softmax.forward(s, overwrite_input=True, rows=rows)
-    return attention, SoftmaxAttentionCache(logits=logits_cache, softmax=softmax_cache)
+    theta: Array, phi: Array, extra: Mapping[str, Array], scale: float
+) -> tuple[Array, EmbeddedGaussianCache]:
+    """A = softmax_j(scale · θᵢᵀφⱼ), of shape (B, N, N′)."""
+    s, logits_cache = logits_forward(theta, phi, extra, scale)
+    attention, softmax_cache = softmax.forward(s)
+    return attention, EmbeddedGaussianCache(logits=logits_cache, softmax=softmax_cache)
 
 
-def backward(
-    dattention: Array,
-    cache: SoftmaxAttentionCache,
-    *,
-    overwrite_input: bool = False,
-) -> PairwiseGrads:
-    """Gradients of θ and φ from the gradient of the attention.
-
-    ``overwrite_input=True`` lets the softmax backward work in ``dattention``'s memory.
-    """
-    ds = softmax.backward(dattention, cache.softmax, overwrite_input=overwrite_input)
-    dtheta, dphi = bilinear.backward(ds, cache.logits)
-    return PairwiseGrads(dtheta=dtheta, dphi=dphi)
+def backward(dattention: Array, cache: EmbeddedGaussianCache) -> PairwiseGrads:
+    """Gradients of θ and φ from the gradient of the attention."""
+    ds = softmax.backward(dattention, cache.softmax)  # forward was: A = softmax(s)
+    return logits_backward(ds, cache.logits)  # forward was: s = scale θᵀφ
 
 
 VARIANT = register(
@@ -93,8 +81,11 @@ VARIANT = register(
         order=1,
         embeds=True,
         uses_scale=True,
-        softmax=True,
         forward=forward,
         backward=backward,
+        has_logits=True,
+        pair_flops=lambda channels: 2 * channels,  # s_ij = θ_iᵀφ_j
+        softmax=True,
+        logits=Logits(forward=logits_forward, backward=logits_backward),
     )
 )

@@ -24,8 +24,8 @@ The block adds both to x's gradient (x reaches the attention along two paths).
 
 from __future__ import annotations
 
-from . import Pairwise, register
-from .embedded_gaussian import backward, forward
+from . import Logits, Pairwise, register
+from .embedded_gaussian import backward, forward, logits_backward, logits_forward
 
 VARIANT = register(
     Pairwise(
@@ -34,8 +34,11 @@ VARIANT = register(
         order=0,
         embeds=False,
         uses_scale=True,
-        softmax=True,
         forward=forward,
         backward=backward,
+        has_logits=True,
+        pair_flops=lambda channels: 2 * channels,  # s_ij = x_iᵀx_j over C channels
+        softmax=True,
+        logits=Logits(forward=logits_forward, backward=logits_backward),
     )
 )

@@ -1,9 +1,9 @@
-r"""Run independent blocks of the attention on several CPU threads.
+r"""Run independent pieces of the block on several CPU threads.
 
-The attention of the block splits into independent pieces: batch element b and a block of
-query rows Q only need θ_{b,Q}, φ_b and g_b (every pairwise function normalises one query
-row at a time). :func:`nlref.forward` therefore evaluates the attention as a list of
-blocks, and on NumPy it hands contiguous runs of them to ``threads`` worker threads.
+The block splits into independent pieces: up to W_z y, each batch element is on its own;
+and within one batch element, a tile of query rows Q only needs θ_Q, φ and g (every
+pairwise function normalises one query row at a time). The engine therefore hands
+contiguous runs of batch elements, or of tiles, to ``threads`` worker threads.
 
 - NumPy releases the GIL inside its ufuncs and its ``matmul``, so the threads really run
   at once: the elementwise passes (softmax, ReLU, masks), which NumPy runs on one core,
@@ -17,10 +17,12 @@ blocks, and on NumPy it hands contiguous runs of them to ``threads`` worker thre
   workers' partial sums are added in worker order, so the results do not depend on
   scheduling: the same ``threads`` gives the same bits on every run.
 
-Only CPU arrays use threads: ``threads=None`` picks :func:`default_threads` (the usable
-CPUs for a large enough NumPy block, else 1), and CuPy arrays always run on the calling
-thread. The formulas are the same whatever the thread count; only the order of a few
-floating-point sums over blocks changes.
+Only NumPy-backed arrays (NumPy, array-api-strict) use threads: ``threads=None`` picks
+:func:`default_threads` (the usable CPUs for a large enough NumPy problem, else 1). CuPy
+arrays run on the calling thread (the GPU queues the work anyway), and so do PyTorch
+tensors and JAX arrays, whose libraries run their own thread pools. The formulas are the
+same whatever the thread count; only the order of a few floating-point sums over tiles
+changes.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ def resolve_threads(threads: int | None, x: Any, attention_elements: int) -> int
     Raises
     ------
     TypeError, ValueError
-        If ``threads`` is not None or a positive int, or is above 1 for CuPy arrays (GPU
-        work is queued on the device's stream: threads would not run it any sooner).
+        If ``threads`` is not None or a positive int, or is above 1 for arrays that are
+        not NumPy-backed: CuPy (GPU work is queued on the device's stream: threads would
+        not run it any sooner), PyTorch and JAX (their own thread pools run each
+        operation).
     """
     if threads is None:
         return default_threads(x, attention_elements)
@@ -100,12 +104,27 @@ def resolve_threads(threads: int | None, x: Any, attention_elements: int) -> int
         raise TypeError(f"threads must be None or an int >= 1, got {threads!r}")
     if threads < 1:
         raise ValueError(f"threads must be None or an int >= 1, got {threads}")
-    if threads > 1 and array_api_compat.is_cupy_array(x):
+    if threads > 1 and not _numpy_backed(x):
+        kind = "CuPy arrays" if array_api_compat.is_cupy_array(x) else f"{_library(x)} arrays"
         raise ValueError(
-            f"threads={threads} is for CPU arrays; CuPy arrays run on the calling thread "
-            "(use threads=None or 1)"
+            f"threads={threads} is for NumPy and array-api-strict arrays; {kind} run on the "
+            "calling thread (use threads=None or 1)"
         )
     return threads
+
+
+def _numpy_backed(x: Any) -> bool:
+    if array_api_compat.is_numpy_array(x):
+        return True
+    return type(x).__module__.split(".")[0] == "array_api_strict"
+
+
+def _library(x: Any) -> str:
+    if array_api_compat.is_torch_array(x):
+        return "PyTorch"
+    if array_api_compat.is_jax_array(x):
+        return "JAX"
+    return type(x).__module__.split(".")[0]
 
 
 def split(items: Sequence[T], parts: int) -> list[list[T]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._backend import Array, namespace
+from ..._backend import Array, namespace
 
 __all__ = ["GlobalPoolCache", "backward", "forward"]
 

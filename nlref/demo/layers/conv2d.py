@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from .._backend import Array, namespace
+from ..._backend import Array, namespace
 
 __all__ = ["Conv2dCache", "Conv2dGrads", "backward", "forward"]
 

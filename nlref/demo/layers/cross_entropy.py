@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from .._backend import Array, namespace
+from ..._backend import Array, namespace
 
 __all__ = ["CrossEntropyCache", "backward", "forward"]
 

@@ -1,0 +1,83 @@
+"""What :func:`nlref.forward` and :func:`nlref.backward` accept, checked at the boundary.
+
+Bad input is refused here, before any arithmetic, with a ``TypeError`` or a ``ValueError``
+that names what was expected and what was given (``docs/errors.md`` lists every case).
+The block itself (:mod:`nlref.block`) can then be read as the plain formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ._backend import Array, namespace
+from .config import NonLocalConfig
+from .params import check_params
+
+__all__ = ["check_cache", "check_dz", "check_forward"]
+
+
+def check_forward(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, training: Any) -> Any:
+    """Check the arguments of :func:`nlref.forward`; return x's array namespace."""
+    if not isinstance(cfg, NonLocalConfig):
+        raise TypeError(f"cfg must be a NonLocalConfig, got {type(cfg).__name__}")
+    xp = check_x(x, cfg)
+    check_params(params, cfg, x)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    return xp
+
+
+def check_x(x: Array, cfg: NonLocalConfig) -> Any:
+    """x: an array (B, C, *S) with C = cfg.in_channels, 1 to 3 spatial dims, nothing empty,
+    float32 or float64, and a ``cfg.sub_sample`` that fits its spatial dims."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array of shape (B, C, *S), got {type(x).__name__}")
+    xp = namespace(x)
+    shape = tuple(x.shape)
+    expected = f"(B, C={cfg.in_channels}, *S) with 1 to 3 spatial dims"
+    if not 3 <= len(shape) <= 5:
+        raise ValueError(f"expected x of shape {expected}, got {len(shape)}-d shape {shape}")
+    if shape[1] != cfg.in_channels:
+        raise ValueError(
+            f"expected x of shape {expected}, got {shape}: channel mismatch "
+            f"({shape[1]} != cfg.in_channels={cfg.in_channels})"
+        )
+    if any(s == 0 for s in shape):
+        raise ValueError(f"x must not be empty: got shape {shape}")
+    if not xp.isdtype(x.dtype, "real floating") or x.dtype not in (xp.float32, xp.float64):
+        raise TypeError(f"x must have a real floating dtype (float32 or float64), got {x.dtype}")
+    spatial = shape[2:]
+    if cfg.sub_sample is not None:
+        if len(cfg.sub_sample) != len(spatial):
+            raise ValueError(
+                f"cfg.sub_sample={cfg.sub_sample} has {len(cfg.sub_sample)} entries but x has "
+                f"{len(spatial)} spatial dims (S={spatial}); give one kernel size per dim"
+            )
+        too_big = [(k, s) for k, s in zip(cfg.sub_sample, spatial, strict=True) if k > s]
+        if too_big:
+            raise ValueError(
+                f"cfg.sub_sample={cfg.sub_sample} is larger than the spatial size S={spatial}: "
+                "pooling would leave zero key positions"
+            )
+    return xp
+
+
+def check_cache(cache: Any, kinds: tuple[type, ...]) -> None:
+    """The cache must be what :func:`nlref.forward` returned."""
+    if not isinstance(cache, kinds):
+        raise TypeError(
+            f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
+        )
+
+
+def check_dz(dz: Array, like: Array, input_shape: tuple[int, ...], dtype: Any) -> Any:
+    """dz: an array of z's shape, dtype and library (``like`` is an array of the forward)."""
+    if not hasattr(dz, "shape") or not hasattr(dz, "dtype"):
+        raise TypeError(f"dz must be an array, got {type(dz).__name__}")
+    xp = namespace(dz, like)
+    if tuple(dz.shape) != input_shape:
+        raise ValueError(f"dz must have the shape of z, {input_shape}, got {tuple(dz.shape)}")
+    if dz.dtype != dtype:
+        raise TypeError(f"dz must have the dtype of z, {dtype}, got {dz.dtype}")
+    return xp
