@@ -20,7 +20,9 @@
 # - how to derive a backward pass by hand, in index notation, for the three steps that
 #   make the Non-local block: the weighted sum y = g Aᵀ, the softmax, and the bilinear
 #   logits s = α θᵀφ;
-# - why x's gradient is a sum of four terms (x reaches z along four paths);
+# - how the block's backward runs the forward's steps in reverse, with the same step
+#   functions as `nlref.backward`, and why x's gradient is a sum of four terms (x reaches
+#   z along four paths);
 # - how to *check* a backward pass with central differences (`nlref.gradcheck`), and what
 #   a wrong one looks like when the check catches it.
 #
@@ -34,6 +36,7 @@ import inspect
 import numpy as np
 
 import nlref
+from nlref import block
 from nlref.layers import aggregate, softmax
 
 rng = np.random.default_rng(0)
@@ -139,17 +142,80 @@ for variant in nlref.pairwise.all_variants():
 # (The concatenation's ReLU has a kink at 0; random normal data lands on it with
 # probability 0, and `nlref.draw_smooth_input` keeps block inputs at a distance from it.)
 #
-# ## 4. The whole block: x reaches z along four paths
+# ## 4. The whole block: the steps in reverse
 #
+# The forward runs six steps (notebook 01): embed, attend, aggregate, project out, batch
+# norm, residual. The backward runs them in reverse, each with the backward of its layer,
+# the ones derived above. This is `nlref.block.backward`, printed from its source (its
+# first lines hand a tiled forward's cache over to the engine):
+
+# %%
+print(inspect.getsource(block.backward))
+
+# %% [markdown]
 # x is used four times: as the queries θ = W_θ x, the keys φ = P(W_φ x), the values
 # g = P(W_g x) and the residual z = … + x. The chain rule adds one term per use:
 #
 # $$\bar x = \bar x_\theta + \bar x_\phi + \bar x_g + \bar z,$$
 #
-# which is the line `dx = dx_theta + dx_phi + dx_g + dzf` in `nlref/block.py`. Drop any
-# one term and the check below fails. `nlref.gradcheck_block` checks x and every
-# parameter of a block; `draw_smooth_input` keeps x away from max-pool ties, where the
-# finite differences would straddle a kink.
+# which is how the source above ends. Here are the same steps, one call each, with a
+# switch to leave out some of the four paths:
+
+# %%
+cfg = nlref.NonLocalConfig(
+    in_channels=4, inter_channels=3, pairwise="embedded_gaussian", sub_sample=(2, 2)
+)
+params, x = nlref.draw_smooth_case(cfg, (2, 4, 5, 6), rng=0)  # away from max-pool ties
+z, cache = nlref.forward(x, params, cfg, training=True)
+
+
+def backward_by_steps(dz, cache, paths=("residual", "theta", "phi", "g")):
+    """nlref.block.backward one step at a time; x-bar sums only the given paths."""
+    dz3 = dz.reshape(dz.shape[0], dz.shape[1], -1)  # (B, C, N)
+    grads = {}
+    dh = block.normalise_backward(dz3, cache.batch_norm, grads)  # 5. o = BN(h)
+    dy = block.unproject("z", dh, cache.project_out, grads)  # 4. h = W_z y + b_z
+    d_att, d_g = aggregate.backward(dy, cache.aggregate)  # 3. y = g A^T
+    variant = nlref.pairwise.get(cache.cfg.pairwise)
+    pair = variant.backward(d_att, cache.attend)  # 2. A = f(theta, phi) / C(x)
+    grads.update(pair.dextra)
+    embeds = (cache.embed_theta, cache.embed_phi, cache.embed_g)  # 1. theta, phi, g from x
+    dx_theta, dx_phi, dx_g = block.embed_backward((pair.dtheta, pair.dphi, d_g), embeds, grads)
+    terms = {"residual": dz3, "theta": dx_theta, "phi": dx_phi, "g": dx_g}
+    dx = terms[paths[0]]
+    for path in paths[1:]:
+        dx = dx + terms[path]
+    return dx.reshape(dz.shape), grads
+
+
+dz = rng.standard_normal(z.shape)
+dx_steps, grads_steps = backward_by_steps(dz, cache)
+dx, grads = nlref.backward(dz, cache)
+assert np.array_equal(dx_steps, dx)
+assert all(np.array_equal(grads_steps[name], grads[name]) for name in grads)
+print("step by step == nlref.backward, bit for bit:", ", ".join(grads))
+
+# %% [markdown]
+# Drop any one path and the gradient of x is wrong. `nlref.gradcheck` checks any
+# forward/backward pair; here the forward is the whole block as a function of x:
+
+# %%
+every_path = ("residual", "theta", "phi", "g")
+for dropped in (None, *every_path):
+    kept = tuple(p for p in every_path if p != dropped)
+    r = nlref.gradcheck(
+        lambda inp: nlref.forward(inp["x"], params, cfg, training=True),
+        lambda dz, cache, kept=kept: {"x": backward_by_steps(dz, cache, kept)[0]},
+        {"x": x},
+        raise_on_failure=False,
+    )
+    status = "PASS" if r.ok else "FAIL"
+    print(f"without {dropped or 'nothing':<9} {status}  max rel err {r.args['x'].max_rel_err:.1e}")
+
+# %% [markdown]
+# `nlref.gradcheck_block` checks x and every parameter of a block; `draw_smooth_case`
+# keeps x away from max-pool ties, where the finite differences would straddle a kink.
+# Every variant:
 
 # %%
 for name in nlref.pairwise.names():
@@ -195,5 +261,9 @@ assert not wrong.ok
 #    against `nlref.gradcheck` on `nlref.layers.batchnorm`.
 # 3. In section 4, gradient-check with `mode="elementwise"` instead: how much slower is
 #    it, and why does the default use random directions?
-# 4. Break the block on purpose: copy `nlref.backward`'s last lines into a function that
-#    leaves out `dx_g`, and watch `gradcheck` report the argument `x`.
+# 4. In section 4, `gradcheck` the parameters too: add `params` to the inputs of the
+#    check and return `grads` from `backward_by_steps`. Then drop the `grads.update(...)`
+#    line with the concatenation variant: which argument does the check name?
+# 5. Which gradients does `gradcheck_block` report as (nearly) zero for the embedded
+#    Gaussian with batch norm in training mode, and why (`docs/derivations.md`,
+#    section 8)? Do they stay zero in evaluation mode (`training=False`)?

@@ -206,7 +206,7 @@ def _backward_run(dh: Array, dz: Array, run: RunCache) -> tuple[Array, dict[str,
     grads.update(dextra)
     caches = (run.embed_theta, run.embed_phi, run.embed_g)
     dx_theta, dx_phi, dx_g = block.embed_backward((dtheta, dphi, dg), caches, grads)
-    return dz[b0:b1, ...] + dx_theta + dx_phi + dx_g, grads
+    return dz[b0:b1, ...] + dx_theta + dx_phi + dx_g, grads  # the four paths from x to z
 
 
 def _batch_runs(batch: int, threads: int) -> tuple[list[tuple[int, int]], int]:

@@ -100,10 +100,12 @@ class TiledAttention:
         (b0, b1), (i0, i1) = batch, queries
         theta = self.theta[b0:b1, :, i0:i1]  # (b1 - b0, C', i1 - i0)
         phi = self.phi[b0:b1, ...]
-        if not self.variant.softmax:
+        if not self.variant.softmax:  # A = f(θ, φ) / C(x), the variant's own formula
             return self.variant.forward(theta, phi, self.extra, self.scale)
+        # s = logits(θ, φ); A = softmax(s) = exp(s − m) r with m, r the rows' max and
+        # reciprocal sum, in s's memory (s is ours), or from the given row statistics
         s, logits_cache = self.variant.logits.forward(theta, phi, self.extra, self.scale)
-        attention, stats = inplace.softmax_forward(s, stats)  # s is ours: handed over
+        attention, stats = inplace.softmax_forward(s, stats)
         return attention, (logits_cache, stats)
 
     def attention(self) -> Array:
@@ -154,8 +156,11 @@ def forward(
     def forward_run(run: list[Tile]) -> list[tuple[Array, Tile]]:
         done = []
         for tile in run:
+            b0, b1 = tile.batch
+            # A_{β,Q} = f(θ_{β,Q}, φ_β) / C(x)_{β,Q}                       (b, |Q|, N')
             attention, state = cache.evaluate(tile.batch, tile.queries)
-            y_tile, _ = aggregate.forward(attention, values[tile.batch[0] : tile.batch[1], ...])
+            # y_{β,Q} = g_β A_{β,Q}ᵀ                                         (b, C', |Q|)
+            y_tile, _ = aggregate.forward(attention, values[b0:b1, ...])
             if cache.stored:
                 tile = replace(tile, attention=attention, state=state)
             elif variant.softmax:  # O(rows): the backward recomputes without row reductions
@@ -182,16 +187,17 @@ def backward(dy: Array, cache: TiledAttention) -> tuple[Array, Array, Array, dic
             (b0, b1), (i0, i1) = tile.batch, tile.queries
             if cache.stored:
                 attention, state = tile.attention, tile.state
-            else:
+            else:  # A_{β,Q} again, from θ_{β,Q} and φ_β (and a softmax's row statistics)
                 attention, state = cache.evaluate(tile.batch, tile.queries, tile.state)
             values = cache.values[b0:b1, ...]
             aggregate_cache = aggregate.AggregateCache(attention=attention, values=values)
+            # Ā_{β,Q} = ȳ_{β,Q}ᵀ g_β,  ḡ_β += ȳ_{β,Q} A_{β,Q}
             dattention, dg = aggregate.backward(dy[b0:b1, :, i0:i1], aggregate_cache)
-            if variant.softmax:  # dattention is ours: the softmax backward works in it
+            if variant.softmax:  # s̄ = (Ā − Σⱼ ĀᵢⱼAᵢⱼ) ⊙ A, in Ā's memory (ours)
                 logits_cache, _ = state
                 ds = inplace.softmax_backward(dattention, attention)
                 grads: PairwiseGrads = variant.logits.backward(ds, logits_cache)
-            else:
+            else:  # (θ̄_{β,Q}, φ̄_{β,Q}, w̄) = variant.backward(Ā_{β,Q})
                 grads = variant.backward(dattention, state)
             dtheta_tiles.append(grads.dtheta)  # (b1 - b0, C', i1 - i0)
             _accumulate(sums, tile.batch, (grads.dphi, dg))
