@@ -2,14 +2,16 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/run.py                    # CPU: the three targets, all cores
+    python benchmarks/run.py                    # CPU: the three main cases, all cores
     python benchmarks/run.py --backend cupy     # GPU: CuPy against PyTorch CUDA
     python benchmarks/run.py --case eg-1k --repeats 9
+    python benchmarks/run.py --scaling          # time and memory against N, and the plot
 
 Every argument is passed to ``nlref bench``; the table goes to the terminal and to
-``results/<backend>-<date>.txt``, the JSON to ``results/<backend>-<date>.json``. The
-repository root is put on ``sys.path``, so nlref does not need to be installed (only its
-dependencies, NumPy and array-api-compat, and PyTorch for the reference).
+``results/<backend>-<date>.txt``, the JSON to ``results/<backend>-<date>.json`` and, with
+``--scaling``, the plot to ``results/<backend>-<date>.png``. The repository root is put on
+``sys.path``, so nlref does not need to be installed (only its dependencies, and the
+``bench`` extra: PyTorch, threadpoolctl, matplotlib).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main(argv: list[str]) -> int:
     args = ["bench", *argv]
     if "--json" not in argv:
         args += ["--json", str(stem.with_suffix(".json"))]
+    if "--scaling" in argv and "--out" not in argv:
+        args += ["--out", str(stem.with_suffix(".png"))]
     table = io.StringIO()
     original, sys.stdout = sys.stdout, table
     try:

@@ -201,6 +201,62 @@ def test_iter_cases_refuses_no_scale_for_variants_without_one() -> None:
         assert scales == ({None, gc.FULL_SCALE} if variant.uses_scale else {None})
 
 
+# ----------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--seed", "-1"],
+        ["--rtol", "0"],
+        ["--rtol", "-1"],
+        ["--rtol", "nan"],
+        ["--rtol", "inf"],
+        ["--atol", "-1"],
+        ["--atol=-1e-9"],  # argparse reads -1e-9 as an option unless joined with '='
+        ["--atol", "nan"],
+    ],
+)
+def test_bad_values_are_usage_errors(capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
+    code, out, err = run(capsys, "gradcheck", "--dims", "1", *bad)
+    assert code == 2
+    assert out == ""  # refused before any case ran: no table, no fake failure
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("nlref gradcheck: error: ") and bad[0].split("=")[0] in err
+
+
+def test_the_table_says_what_its_cells_are(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1")
+    assert code == 0
+    assert "Each cell: the largest relative error" in out and "central differences" in out
+    assert "Rounding noise" not in out  # the default tolerances are above the noise floor
+    assert err == ""  # no progress bar where stderr is not a terminal
+    assert max(len(line) for line in out.splitlines() if "Each cell" in line) <= 100
+
+
+def test_tolerances_below_the_noise_floor_are_explained(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "tiny.json"
+    argv = ["gradcheck", "--pairwise", "gaussian", "--dims", "1", "--json", str(path)]
+    code, out, _ = run(capsys, *argv, "--rtol", "1e-30", "--atol", "1e-30", "--quiet")
+    assert code == 0
+    rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    assert all(r["noise_used"] > 1e-30 for r in rows)  # every case leaned on the noise
+    worst = max(r["noise_used"] for r in rows)
+    text = " ".join(out.split())
+    assert f"in {len(rows)} of {len(rows)} cases" in text
+    assert f"largest {worst:.1e}; --atol 1e-30" in text
+    assert "cannot be seen by finite differences" in text
+
+
+def test_help_says_how_tiny_tolerances_are_treated(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "gradcheck", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "noise floor are accepted, not refused" in text and "--quiet" in text
+
+
 # ----------------------------------------------------------------------- JSON
 
 

@@ -10,7 +10,14 @@ case with the largest relative error of every tensor's gradient::
     nlref gradcheck --backend array_api_strict --json rows.json
 
 The exit status is 0 when every case passes, 1 when any fails and 2 on a usage error
-(an unknown option, or a backend that cannot be imported).
+(an unknown option, a bad value such as ``--seed -1`` or ``--rtol 0``, or a backend that
+cannot be imported).
+
+Below the table, the output explains its cells and, where comparisons needed it, the
+finite-difference noise floor: a comparison that fails only within the estimated rounding
+noise of its difference gets that noise added to ``atol`` (:func:`nlref.gradcheck`), so
+tolerances below the floor cannot make the check stricter than finite differences allow;
+the output says so rather than refusing such tolerances.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .. import _table
+from ..progress import progress
 from . import BACKENDS, CLIError, load_backend
 
 __all__ = [
@@ -31,6 +41,8 @@ __all__ = [
     "Row",
     "add_parser",
     "draw_case",
+    "explain",
+    "format_table",
     "iter_cases",
     "run_case",
     "summary",
@@ -121,7 +133,11 @@ class Row:
     report : str
         The :class:`nlref.GradcheckResult` text of a failing check.
     noise : float
-        The finite-difference noise estimate :func:`nlref.gradcheck` added to ``atol``.
+        The bound on the finite-difference rounding noise of the case
+        (:attr:`nlref.GradcheckResult.noise`): the most any comparison may add to ``atol``.
+    noise_used : float
+        The largest rounding-noise allowance a comparison of the case needed (0 when each
+        passed on ``atol`` and ``rtol`` alone).
     seconds : float
     """
 
@@ -135,6 +151,7 @@ class Row:
     error: str | None = None
     report: str = ""
     noise: float = 0.0
+    noise_used: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -183,6 +200,7 @@ class Row:
             "failures": self.failures,
             "error": self.error,
             "noise": self.noise,
+            "noise_used": self.noise_used,
             "seconds": round(self.seconds, 4),
         }
 
@@ -308,6 +326,9 @@ def run_case(
         row.error = f"{type(err).__name__}: {err}"
     else:
         row.noise = float(result.noise)
+        row.noise_used = max(
+            (float(getattr(r, "noise", 0.0)) for r in result.args.values()), default=0.0
+        )
         for name, rep in result.args.items():
             row.rel_err[name] = rep.max_rel_err
             row.abs_err[name] = rep.max_abs_err
@@ -381,19 +402,32 @@ def format_table(rows: Sequence[Row]) -> str:
         return _err(r.rel_err[t]) + ("!" if t in r.failed else "")
 
     header = [c[0] for c in config_cols] + [label(t) for t in tensors] + ["status"]
-    aligns = [c[1] for c in config_cols] + [">"] * len(tensors) + ["<"]
+    aligns = "".join(c[1] for c in config_cols) + ">" * len(tensors) + "<"
     body = [
         [c[2](r) for c in config_cols] + [cell(r, t) for t in tensors] + [r.status] for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join(_table.format_table(header, body, align=aligns))
 
-    def fmt(line: list[str]) -> str:
-        return "  ".join(
-            f"{v:{a}{w}}" for v, a, w in zip(line, aligns, widths, strict=True)
-        ).rstrip()
 
-    rule = "-" * len(fmt(["-" * w for w in widths]))
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
+def explain(rows: Sequence[Row], atol: float) -> str:
+    """What the table's cells mean, and the rounding-noise floor the cases met."""
+    text = [
+        "Each cell: the largest relative error of that tensor's gradient, "
+        "|numerical - analytical| / max(|numerical|, |analytical|, (atol + noise) / rtol), "
+        "numerical from central differences in float64; '!' marks a failed tensor, '-' a "
+        "tensor the configuration does not have."
+    ]
+    used = [r for r in rows if r.noise_used > 0]
+    if used:
+        worst = max(r.noise_used for r in used)
+        text.append(
+            f"Rounding noise: in {len(used)} of {len(rows)} cases a comparison passed only with "
+            "the finite-difference noise allowance added to atol (largest "
+            f"{worst:.1e}; --atol {atol:g}): an error below that noise floor cannot be seen by "
+            "finite differences, whatever --rtol and --atol say, and the relative errors "
+            "above are measured against (atol + noise) / rtol."
+        )
+    return "\n".join(line for t in text for line in textwrap.wrap(t, 100))
 
 
 def format_failures(rows: Sequence[Row]) -> str:
@@ -424,10 +458,21 @@ def summary(rows: Sequence[Row], seconds: float) -> str:
     return f"{len(rows)} cases in {seconds:.1f} s, {worst_txt}: {verdict}"
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values with one line each (exit status 2), before any case runs."""
+    if args.seed < 0:
+        raise CLIError(f"--seed must be an int >= 0, got {args.seed}")
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise CLIError(f"--rtol must be a finite number > 0, got {args.rtol:g}")
+    if not (math.isfinite(args.atol) and args.atol >= 0):
+        raise CLIError(f"--atol must be a finite number >= 0, got {args.atol:g}")
+
+
 def _cmd_gradcheck(args: argparse.Namespace, out: TextIO) -> int:
     from .. import __version__
     from ..pairwise import names
 
+    _check_args(args)
     xp = load_backend(args.backend)
     pairwise = list(dict.fromkeys(args.pairwise or names()))
     dims = list(dict.fromkeys(args.dims))
@@ -442,12 +487,13 @@ def _cmd_gradcheck(args: argparse.Namespace, out: TextIO) -> int:
         print("fixed: norm BN train, biases all, scale None (--full varies them)", file=out)
     print(file=out)
     start = time.perf_counter()
+    bar = progress(cases, desc="gradcheck", unit="case", enabled=False if args.quiet else None)
     rows = [
-        run_case(c, xp, mode=args.mode, seed=args.seed, rtol=args.rtol, atol=args.atol)
-        for c in cases
+        run_case(c, xp, mode=args.mode, seed=args.seed, rtol=args.rtol, atol=args.atol) for c in bar
     ]
     seconds = time.perf_counter() - start
     print(format_table(rows), file=out)
+    print("\n" + explain(rows, args.atol), file=out)
     failures = format_failures(rows)
     if failures:
         print("\n" + failures, file=out)
@@ -526,8 +572,19 @@ def add_parser(sub: Any) -> None:
         choices=MODES,
         help="directions (fast, default), elementwise (every entry) or jacobian (full)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for params, x and directions")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
-    p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance (default 1e-7)")
+    p.add_argument("--seed", type=int, default=0, help="seed for params, x and directions (>= 0)")
+    p.add_argument(
+        "--rtol", type=float, default=1e-5, help="relative tolerance, > 0 (default 1e-5)"
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-7,
+        help="absolute tolerance, >= 0 (default 1e-7). Tolerances below the finite-difference "
+        "noise floor are accepted, not refused: a comparison that fails only within the "
+        "estimated rounding noise of its difference gets that noise added to atol, and the "
+        "output says in how many cases and how large it was",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_gradcheck)
