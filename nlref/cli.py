@@ -8,18 +8,37 @@ error (an unknown option, or a backend that cannot be imported).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import NoReturn
 
 from .commands import CLIError, iter_commands, load_backend
 
 __all__ = ["CLIError", "build_parser", "load_backend", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with two changes for a command line of numbers:
+
+    - a usage error is **one line** on stderr (``nlref gradcheck: error: ...``, exit 2),
+      not the usage block followed by the error;
+    - a value that starts with a minus and a digit is a value, not an option:
+      ``--atol -1e-9``, ``--query -5,3`` (plain argparse takes only ``-1`` and ``-1.5``).
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nlref`` argument parser, one subparser per module of :mod:`nlref.commands`."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nlref",
         description="Reference implementation of the Non-local block (Wang et al., CVPR 2018).",
     )
