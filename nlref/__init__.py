@@ -1,9 +1,10 @@
 """nlref: the reference implementation of the Non-local block (Wang et al., CVPR 2018).
 
 Explicit array formulas for the forward pass and a hand-derived backward pass of every
-pairwise variant, running unchanged on any array-API backend (NumPy, CuPy,
-array-api-strict), verified by float64 gradient checks and an independent PyTorch
-reference.
+pairwise variant, running unchanged on any array-API library (NumPy, CuPy,
+array-api-strict, PyTorch tensors, JAX arrays), verified by float64 gradient checks and an
+independent PyTorch reference. :mod:`nlref.block` is the reference; :mod:`nlref.engine`
+runs the same steps in tiles and threads for large problems.
 
 >>> import numpy as np, nlref
 >>> cfg = nlref.NonLocalConfig(in_channels=8, pairwise="embedded_gaussian")
@@ -16,11 +17,12 @@ True
 (2, 16, 16)
 """
 
-from . import engine, interop, layers, pairwise, presets, testing, vectors  # no torch import
+from . import engine, family, interop, layers, pairwise, presets, testing, vectors  # no torch
 from ._backend import to_numpy
 from .block import BlockCache, backward, forward
 from .config import NonLocalConfig
 from .engine import AttentionNotStoredError, MemoryLimitError
+from .family import DNLConfig, GCNetConfig  # GCNet and the disentangled non-local block
 from .gradcheck import GradcheckError, GradcheckResult, gradcheck, gradcheck_block
 from .params import BUFFERS, apply_buffer_updates, init_params, param_shapes, trainable_names
 from .presets import preset
@@ -32,6 +34,8 @@ __all__ = [
     "BUFFERS",
     "AttentionNotStoredError",
     "BlockCache",
+    "DNLConfig",
+    "GCNetConfig",
     "GradcheckError",
     "GradcheckResult",
     "MemoryLimitError",
@@ -42,6 +46,7 @@ __all__ = [
     "draw_smooth_case",
     "draw_smooth_input",
     "engine",
+    "family",
     "forward",
     "gradcheck",
     "gradcheck_block",

@@ -7,8 +7,39 @@
 - :mod:`~nlref.layers.softmax`: numerically stable softmax.
 - :mod:`~nlref.layers.bilinear`: scaled pairwise dot products ``α θᵀ φ``.
 - :mod:`~nlref.layers.aggregate`: attention-weighted sum ``y = g Aᵀ``.
+
+The layers of the Non-local family (:mod:`nlref.family`: GCNet, the disentangled
+non-local block):
+
+- :mod:`~nlref.layers.attention_pool`: one softmax over the positions, shared by every
+  query, and the weighted sum ``c = Σⱼ softmax(m)ⱼ vⱼ``.
+- :mod:`~nlref.layers.layernorm`: layer norm over channels, per position.
+- :mod:`~nlref.layers.gate`: the sigmoid gate ``x · σ(t)``, one gate per channel.
+- :mod:`~nlref.layers.whiten`: each channel minus its mean over the positions.
 """
 
-from . import aggregate, batchnorm, bilinear, maxpool, projection, softmax
+from . import (
+    aggregate,
+    attention_pool,
+    batchnorm,
+    bilinear,
+    gate,
+    layernorm,
+    maxpool,
+    projection,
+    softmax,
+    whiten,
+)
 
-__all__ = ["aggregate", "batchnorm", "bilinear", "maxpool", "projection", "softmax"]
+__all__ = [
+    "aggregate",
+    "attention_pool",
+    "batchnorm",
+    "bilinear",
+    "gate",
+    "layernorm",
+    "maxpool",
+    "projection",
+    "softmax",
+    "whiten",
+]
