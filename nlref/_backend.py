@@ -7,6 +7,7 @@ numbers and host copies). Every function finds its namespace from its inputs wit
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import array_api_compat
@@ -16,6 +17,7 @@ Array = Any  # any array-API-compatible array (NumPy, CuPy, array-api-strict, ..
 
 __all__ = [
     "Array",
+    "check_plain_array",
     "namespace",
     "namespace_of_mapping",
     "new_array",
@@ -42,6 +44,45 @@ def namespace(*arrays: Array) -> Any:
             f"got a mix of {', '.join(kinds)}. Move them to one library first "
             "(for example with xp.asarray)."
         ) from err
+
+
+def check_plain_array(a: Array, what: str) -> None:
+    """Refuse the NumPy arrays whose arithmetic is not that of an array, or whose bytes are
+    not in the machine's order; ``what`` names the argument in the message.
+
+    - ``numpy.ma.MaskedArray``: its operations skip masked entries, which the formulas
+      cannot do; and the values under the mask are arbitrary.
+    - ``numpy.matrix``: ``*`` is a matrix product and every result is 2-d.
+    - non-native byte order (big-endian data on a little-endian machine, from a file, say):
+      NumPy computes with it, but its dtype is not ``float32``/``float64``, so the dtype
+      checks would fail with a confusing message. Converting it is a copy, which nlref never
+      makes behind the caller's back.
+
+    Raises
+    ------
+    TypeError
+        Naming the kind of array and how to convert it.
+    """
+    if not isinstance(a, np.ndarray):
+        return
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{what} is a numpy.ma.MaskedArray; nlref computes on every entry and cannot "
+            "skip masked ones. Pass a plain array: a.filled(value), or np.asarray(a) to "
+            "keep the values under the mask"
+        )
+    if isinstance(a, np.matrix):
+        raise TypeError(
+            f"{what} is a numpy.matrix, whose * and indexing differ from an array's; "
+            "pass np.asarray(a)"
+        )
+    if not a.dtype.isnative:
+        raise TypeError(
+            f"{what} has dtype {a.dtype.str!r}, in the non-native byte order ("
+            f"{'big' if a.dtype.byteorder == '>' else 'little'}-endian on this "
+            f"{sys.byteorder}-endian machine); convert it to the native byte order with "
+            "a.astype(a.dtype.newbyteorder('='))"
+        )
 
 
 def namespace_of_mapping(first: Array, named: dict[str, Array]) -> Any:

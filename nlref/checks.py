@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._backend import Array, namespace
+import numpy as np
+
+from ._backend import Array, check_plain_array, namespace
 from .config import NonLocalConfig
 from .params import check_params
 
-__all__ = ["check_cache", "check_dz", "check_forward"]
+__all__ = ["check_bn_eps", "check_cache", "check_dz", "check_forward", "check_x"]
 
 
 def check_forward(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, training: Any) -> Any:
@@ -23,9 +25,24 @@ def check_forward(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, tr
         raise TypeError(f"cfg must be a NonLocalConfig, got {type(cfg).__name__}")
     xp = check_x(x, cfg)
     check_params(params, cfg, x)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {training!r}")
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
+    check_bn_eps(cfg, x, xp)
     return xp
+
+
+def check_bn_eps(cfg: NonLocalConfig, x: Array, xp: Any) -> None:
+    """ε must not round to 0 in x's dtype (1e-50 in float32, say): batch norm's
+    1/√(σ² + ε) would divide by zero on a channel of zero variance (a zero input)."""
+    if cfg.norm != "batchnorm" or x.dtype != xp.float32:
+        return  # every positive float is positive in float64
+    if np.float32(cfg.bn_eps) == 0:
+        tiny = float(np.finfo(np.float32).smallest_subnormal)
+        raise ValueError(
+            f"cfg.bn_eps={cfg.bn_eps!r} is 0 in float32, the dtype of x: batch norm's "
+            "1/√(σ² + ε) would divide by zero on a channel of zero variance; use "
+            f"bn_eps >= {tiny:.2g} (the smallest positive float32), or float64 input"
+        )
 
 
 def check_x(x: Array, cfg: NonLocalConfig) -> Any:
@@ -33,6 +50,7 @@ def check_x(x: Array, cfg: NonLocalConfig) -> Any:
     float32 or float64, and a ``cfg.sub_sample`` that fits its spatial dims."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be an array of shape (B, C, *S), got {type(x).__name__}")
+    check_plain_array(x, "x")
     xp = namespace(x)
     shape = tuple(x.shape)
     expected = f"(B, C={cfg.in_channels}, *S) with 1 to 3 spatial dims"
@@ -75,6 +93,7 @@ def check_dz(dz: Array, like: Array, input_shape: tuple[int, ...], dtype: Any) -
     """dz: an array of z's shape, dtype and library (``like`` is an array of the forward)."""
     if not hasattr(dz, "shape") or not hasattr(dz, "dtype"):
         raise TypeError(f"dz must be an array, got {type(dz).__name__}")
+    check_plain_array(dz, "dz")
     xp = namespace(dz, like)
     if tuple(dz.shape) != input_shape:
         raise ValueError(f"dz must have the shape of z, {input_shape}, got {tuple(dz.shape)}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = ["BIAS_LAYERS", "NORMS", "POOL_ORDERS", "NonLocalConfig"]
 
@@ -70,24 +73,24 @@ class NonLocalConfig:
     def __post_init__(self) -> None:
         from .pairwise import get as _get_pairwise  # late import: the registry imports layers
 
-        _check_positive_int("in_channels", self.in_channels)
+        object.__setattr__(self, "in_channels", _positive_int("in_channels", self.in_channels))
         if self.inter_channels is None:
             object.__setattr__(self, "inter_channels", max(self.in_channels // 2, 1))
-        _check_positive_int("inter_channels", self.inter_channels)
+        inter = _positive_int("inter_channels", self.inter_channels)
+        object.__setattr__(self, "inter_channels", inter)
 
         variant = _get_pairwise(self.pairwise)  # raises ValueError listing the names
 
         if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-                raise TypeError(f"scale must be a float or None, got {self.scale!r}")
-            if not math.isfinite(self.scale) or self.scale <= 0:
-                raise ValueError(f"scale must be a finite positive float, got {self.scale!r}")
+            scale = _real("scale", self.scale, "a float or None")
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"scale must be a finite positive float, got {_show(self.scale)}")
             if not variant.uses_scale:
                 raise ValueError(
                     f"pairwise={self.pairwise!r} has no θᵢᵀφⱼ term for a scale to multiply; "
-                    f"use scale=None (got scale={self.scale!r})"
+                    f"use scale=None (got scale={_show(self.scale)})"
                 )
-            object.__setattr__(self, "scale", float(self.scale))
+            object.__setattr__(self, "scale", scale)
 
         if self.sub_sample is not None:
             if isinstance(self.sub_sample, int) or not isinstance(self.sub_sample, (tuple, list)):
@@ -100,19 +103,24 @@ class NonLocalConfig:
                 raise ValueError(
                     f"sub_sample must have 1 to 3 entries (one per spatial dim), got {ks!r}"
                 )
-            for k in ks:
-                if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                    raise ValueError(f"sub_sample entries must be ints >= 1, got {ks!r}")
-            object.__setattr__(self, "sub_sample", ks)
+            if any(not is_integer(k) or k < 1 for k in ks):
+                raise ValueError(f"sub_sample entries must be ints >= 1, got {ks!r}")
+            object.__setattr__(self, "sub_sample", tuple(int(k) for k in ks))
 
         if self.pool_order not in POOL_ORDERS:
             raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {self.pool_order!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not (_is_number(self.bn_eps) and math.isfinite(self.bn_eps) and self.bn_eps > 0):
-            raise ValueError(f"bn_eps must be a finite positive float, got {self.bn_eps!r}")
-        if not (_is_number(self.bn_momentum) and 0 <= self.bn_momentum <= 1):
-            raise ValueError(f"bn_momentum must be a float in [0, 1], got {self.bn_momentum!r}")
+        eps = _real("bn_eps", self.bn_eps, "a finite positive float")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"bn_eps must be a finite positive float, got {_show(self.bn_eps)}")
+        momentum = _real("bn_momentum", self.bn_momentum, "a float in [0, 1]")
+        if not 0 <= momentum <= 1:
+            raise ValueError(
+                f"bn_momentum must be a float in [0, 1], got {_show(self.bn_momentum)}"
+            )
+        object.__setattr__(self, "bn_eps", eps)
+        object.__setattr__(self, "bn_momentum", momentum)
 
         if isinstance(self.biases, str) or not isinstance(self.biases, (tuple, list, set)):
             raise TypeError(f"biases must be a tuple of layer names, got {self.biases!r}")
@@ -159,12 +167,51 @@ class NonLocalConfig:
         return _get_pairwise(self.pairwise).embeds
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer for nlref's arguments: a Python or NumPy int (any
+    ``numbers.Integral``), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
+def optional_count(name: str, value: object, expected: str) -> int | None:
+    """``value`` as a Python int >= 1, or None: the type is checked as :func:`is_integer`
+    does. ``expected`` completes the message "``name`` must be None or ..."."""
+    if value is None:
+        return None
+    if not is_integer(value):
+        raise TypeError(f"{name} must be None or {expected}, got {_show(value, always=True)}")
+    if value < 1:  # type: ignore[operator]
+        raise ValueError(f"{name} must be None or {expected}, got {value}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def _show(value: object, always: bool = False) -> str:
+    """``repr(value)``, shortened when long (an int of 400 digits), with the type's name
+    where the repr does not show it (NumPy scalars show theirs), or ``always``."""
+    text = repr(value)
+    if len(text) > 40:
+        text = f"{text[:12]}… ({len(text)} characters)"
+    plain = type(value) in (int, float, str) or type(value).__module__ == "numpy"
+    if always or not plain:
+        text += f" ({type(value).__name__})"
+    return text
+
+
+def _real(name: str, value: object, expected: str) -> float:
+    """``value`` as a Python float: any real number (``numbers.Real``, a Python or NumPy int
+    or float) but a bool; inf when it is too large for a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {_show(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int >= 1: a Python or NumPy int, but not a bool."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an int, got {_show(value)}")
+    if value < 1:  # type: ignore[operator]
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)  # type: ignore[call-overload]

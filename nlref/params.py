@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, namespace, namespace_of_mapping
+from ._backend import Array, check_plain_array, namespace, namespace_of_mapping
 from .config import NonLocalConfig
 from .pairwise import get as get_pairwise
 
@@ -73,11 +73,33 @@ def param_shapes(cfg: NonLocalConfig) -> dict[str, tuple[int, ...]]:
 def apply_buffer_updates(params: Mapping[str, Array], cache: Any) -> dict[str, Array]:
     """A new params dict with the BN running statistics of ``cache`` (from
     :func:`nlref.forward`) applied. ``params`` itself is not modified; without batch norm,
-    or after an eval-mode forward, the result equals it."""
+    or after an eval-mode forward, the result equals it.
+
+    Raises
+    ------
+    TypeError
+        If ``cache`` is not a forward's cache, or its statistics have another dtype than
+        the buffers of ``params`` (a float64 forward applied to float32 params, say):
+        nothing is cast silently.
+    ValueError
+        If ``params`` has no such buffer.
+    """
     if not hasattr(cache, "updated_buffers") or not hasattr(cache, "cfg"):
         raise TypeError(
             f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
         )
+    for name, value in cache.updated_buffers.items():
+        if name not in params:
+            raise ValueError(
+                f"params has no {name!r} for the running statistics of the cache; pass the "
+                "params of the forward that made it"
+            )
+        if params[name].dtype != value.dtype:
+            raise TypeError(
+                f"the cache's {name!r} has dtype {value.dtype} but params[{name!r}] has dtype "
+                f"{params[name].dtype}; nlref does not cast silently: apply the statistics to "
+                "the params of the forward that made them, or cast them"
+            )
     return {**params, **cache.updated_buffers}
 
 
@@ -187,6 +209,12 @@ def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> 
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
+    not_names = [key for key in params if not isinstance(key, str)]
+    if not_names:
+        raise TypeError(
+            f"params keys must be parameter names (str, e.g. 'theta.weight'), got {not_names[0]!r} "
+            f"({type(not_names[0]).__name__})"
+        )
     expected = param_shapes(cfg)
     missing = [n for n in expected if n not in params]
     unexpected = [n for n in params if n not in expected]
@@ -208,6 +236,7 @@ def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> 
         value = params[name]
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
             raise TypeError(f"parameter {name!r} must be an array, got {type(value).__name__}")
+        check_plain_array(value, f"parameter {name!r}")
         if tuple(value.shape) != shape:
             raise ValueError(
                 f"parameter {name!r} must have shape {shape} "

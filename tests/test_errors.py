@@ -24,6 +24,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ case("config-inter-channels-zero")(lambda: config(inter_channels=0))
 case("config-scale-type")(lambda: config(scale="1"))
 case("config-scale-negative")(lambda: config(scale=-1.0))
 case("config-scale-nan")(lambda: config(scale=math.nan))
+case("config-scale-huge")(lambda: config(scale=10**400))
 case("config-scale-concatenation")(lambda: config(pairwise="concatenation", scale=0.5))
 case("config-sub-sample-int")(lambda: config(sub_sample=2))
 case("config-sub-sample-length")(lambda: config(sub_sample=(2, 2, 2, 2)))
@@ -147,6 +149,33 @@ def _() -> Any:
     return nlref.forward(x_of((2, 4, 3)), params, cfg, threads=2.0)
 
 
+@case("memory-limit-type")
+def _() -> Any:
+    cfg, params = make()
+    return nlref.forward(x_of((2, 4, 3)), params, cfg, memory_limit="big")
+
+
+@case("memory-limit-zero")
+def _() -> Any:
+    cfg, params = make()
+    return nlref.forward(x_of((2, 4, 3)), params, cfg, memory_limit=0)
+
+
+def non_native(a: np.ndarray) -> np.ndarray:
+    """``a``'s values in the other byte order (big-endian on a little-endian machine)."""
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+case("x-masked")(lambda: forward_with_x(np.ma.masked_array(x_of((2, 4, 3)), mask=False)))
+case("x-byte-order")(lambda: forward_with_x(non_native(x_of((2, 4, 3)))))
+
+
+@case("bn-eps-zero-in-dtype")
+def _() -> Any:
+    cfg, params = make(dtype="float32", bn_eps=1e-50)
+    return nlref.forward(np.zeros((2, 4, 3), dtype=np.float32), params, cfg)
+
+
 @case("threads-env")
 def _() -> Any:
     cfg, params = make()
@@ -193,6 +222,23 @@ case("params-bias-not-in-cfg")(
     )
 )
 case("params-shape")(lambda: forward_with_params(lambda p: _set(p, "g.weight", np.zeros((4, 2)))))
+case("params-key-not-str")(lambda: forward_with_params(lambda p: {3: p["g.weight"], **p}))
+case("params-masked")(
+    lambda: forward_with_params(lambda p: _set(p, "g.weight", np.ma.masked_array(p["g.weight"])))
+)
+
+
+@case("params-matrix")
+def _() -> Any:
+    with warnings.catch_warnings():  # NumPy discourages the matrix subclass
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        weight = np.matrix(np.zeros((2, 4)))
+    return forward_with_params(lambda p: _set(p, "g.weight", weight))
+
+
+case("params-byte-order")(
+    lambda: forward_with_params(lambda p: _set(p, "g.weight", non_native(p["g.weight"])))
+)
 case("params-not-array")(lambda: forward_with_params(lambda p: _set(p, "g.bias", [0.0, 0.0])))
 
 
@@ -228,7 +274,22 @@ case("dz-not-array")(lambda: backward_with([[0.0]]))
 case("dz-shape")(lambda: backward_with(np.ones((2, 4))))
 case("dz-dtype")(lambda: backward_with(np.ones((2, 4, 3), dtype=np.float32)))
 case("dz-library")(lambda: backward_with(np.ones((2, 4, 3)), xp=require("array_api_strict")))
+case("dz-masked")(lambda: backward_with(np.ma.masked_array(np.ones((2, 4, 3)))))
+case("dz-byte-order")(lambda: backward_with(non_native(np.ones((2, 4, 3)))))
 case("backward-cache")(lambda: nlref.backward(np.ones((2, 4, 3)), {"attention": None}))
+
+
+# --- apply_buffer_updates ------------------------------------------------------------------
+
+
+def apply_to(edit: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    cfg, params = make()
+    _, cache = nlref.forward(x_of((2, 4, 3)), params, cfg, training=True)
+    return nlref.apply_buffer_updates(edit(params), cache)
+
+
+case("buffers-dtype")(lambda: apply_to(lambda p: {n: v.astype(np.float32) for n, v in p.items()}))
+case("buffers-missing")(lambda: apply_to(lambda p: _drop(p, "bn.running_var")))
 
 
 # --- gradcheck -----------------------------------------------------------------------------
@@ -246,6 +307,10 @@ def _gradcheck(x: Any, **kw: Any) -> Any:
 
 case("gradcheck-float32")(lambda: _gradcheck(np.ones(3, dtype=np.float32)))
 case("gradcheck-mode")(lambda: _gradcheck(np.ones(3), mode="exact"))
+case("gradcheck-rtol")(lambda: _gradcheck(np.ones(3), rtol=0))
+case("gradcheck-atol")(lambda: _gradcheck(np.ones(3), atol=-1.0))
+case("gradcheck-eps")(lambda: _gradcheck(np.ones(3), eps=0.0))
+case("gradcheck-n-directions")(lambda: _gradcheck(np.ones(3), n_directions=0))
 case("gradcheck-wrt")(lambda: _gradcheck(np.ones(3), wrt=["w"]))
 
 
@@ -508,6 +573,50 @@ def _() -> None:
         z, cache = nlref.forward(x, params, cfg)
         dx, _ = nlref.backward(np.ones_like(x), cache)
     assert np.isnan(z).any() and np.isnan(dx).any()  # propagated; see test_extremes.py
+
+
+@case("numpy-scalars")
+def _() -> None:
+    gen = np.random.default_rng(2)
+    x = gen.standard_normal((2, 4, 4, 6))
+    plain = dict(in_channels=4, inter_channels=3, sub_sample=(2, 2), scale=0.5)
+    plain |= dict(bn_eps=1e-3, bn_momentum=0.25)
+    numpy_kw = dict(in_channels=np.int64(4), inter_channels=np.int32(3))
+    numpy_kw |= dict(sub_sample=(np.int64(2), np.int8(2)), scale=np.float32(0.5))
+    numpy_kw |= dict(bn_eps=np.float64(1e-3), bn_momentum=np.float32(0.25))
+    cfg, cfg_np = config(**plain), config(**numpy_kw)
+    for name in plain:  # stored as Python numbers, of the NumPy numbers' values
+        value = getattr(cfg_np, name)
+        assert type(value) is type(getattr(cfg, name)), name
+        assert value == pytest.approx(getattr(cfg, name), rel=1e-7), name
+    params = nlref.init_params(cfg, rng=0, scheme="random")
+    run_kw = dict(chunk_size=3, threads=2, memory_limit=2**30)
+    numpy_run = {k: np.int64(v) for k, v in run_kw.items()}
+    z, cache = nlref.forward(x, params, cfg, training=True, **run_kw)
+    z_np, cache_np = nlref.forward(x, params, cfg_np, training=np.True_, **numpy_run)
+    assert cache_np.plan.chunk_size == 3 and cache_np.threads == 2
+    np.testing.assert_allclose(z_np, z, rtol=1e-6, atol=1e-6)  # scale 0.5 in float32
+    for name in cache.updated_buffers:
+        np.testing.assert_allclose(cache_np.updated_buffers[name], cache.updated_buffers[name])
+
+
+@case("threads-huge")
+def _() -> None:
+    import threading
+
+    from nlref.engine import threads as engine_threads
+
+    def workers() -> int:
+        return sum(t.name.startswith("nlref") for t in threading.enumerate())
+
+    cfg, params = make()
+    x = x_of((2, 4, 5, 6))
+    before = workers()
+    z, cache = nlref.forward(x, params, cfg, threads=10**6)
+    assert cache.threads == 2 * 30  # B·N runs of one query row
+    assert workers() <= max(before, engine_threads.usable_cpus())
+    want, _ = nlref.forward(x, params, cfg, threads=1)
+    np.testing.assert_allclose(z, want, rtol=1e-12, atol=1e-12)
 
 
 # --- the table -----------------------------------------------------------------------------

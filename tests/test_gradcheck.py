@@ -142,3 +142,87 @@ def test_block_gradcheck_wrt_subset_and_jacobian_mode(xp):
     assert result.ok and set(result.args) == {"x", *nlref.trainable_names(cfg)}
     sub = nlref.gradcheck_block(cfg, x, params, wrt=["g.weight"])
     assert list(sub.args) == ["g.weight"]
+
+
+# --- the noise allowance is per argument ---------------------------------------------------
+
+
+def issue_case() -> tuple[nlref.NonLocalConfig, dict, np.ndarray]:
+    """The embedded Gaussian on an input scaled by 30 (C = 16, 6×6): the residual path
+    makes z, and the rounding bound 8ε Σ|dz·z|/h, large (3.7e-5), while θ's bias has a
+    gradient of about 1e-2."""
+    cfg = nlref.NonLocalConfig(in_channels=16, pairwise="embedded_gaussian")
+    params = nlref.init_params(cfg, rng=29, scheme="random")
+    x = np.random.default_rng(29).standard_normal((2, 16, 6, 6)) * 30
+    return cfg, params, x
+
+
+def block_check(cfg, params, x, factor: float, **kwargs) -> nlref.GradcheckResult:
+    """gradcheck of the block with θ's bias gradient multiplied by ``factor``."""
+
+    def fwd(inp):
+        return nlref.forward(inp["x"], {n: inp[n] for n in params}, cfg, training=True)
+
+    def bwd(dz, cache):
+        dx, grads = nlref.backward(dz, cache)
+        return {"x": dx, **grads, "theta.bias": grads["theta.bias"] * factor}
+
+    kwargs.setdefault("wrt", ["x", *nlref.trainable_names(cfg)])
+    return nlref.gradcheck(fwd, bwd, {"x": x, **params}, raise_on_failure=False, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["directions", "elementwise"])
+def test_small_wrong_gradient_cannot_hide_behind_a_large_output(mode):
+    """θ's bias gradient 0.1 % off is caught, although the error (2.3e-5) is below the
+    rounding bound of the whole output (3.7e-5): θ's bias moves the output far less than
+    x does, and its own finite differences are accurate to about 1e-7."""
+    cfg, params, x = issue_case()
+    wrong = block_check(cfg, params, x, 1.001, wrt=["theta.bias"], mode=mode)
+    report = wrong.args["theta.bias"]
+    assert not wrong.ok and not report.passed
+    assert report.max_abs_err < wrong.noise  # hidden by the whole output's bound
+    assert 0 < report.noise < report.max_abs_err / 10  # but not by its own allowance
+    right = block_check(cfg, params, x, 1.0, wrt=["theta.bias"], mode=mode)
+    assert right.ok, str(right)
+
+
+def test_every_gradient_of_the_large_case_passes():
+    cfg, params, x = issue_case()
+    result = block_check(cfg, params, x, 1.0)
+    assert result.ok, str(result)
+    assert list(result.args) == ["x", *nlref.trainable_names(cfg)]
+
+
+def test_exactly_zero_gradient_passes_on_rounding_noise():
+    """f = 10x + ((c + x)² − c² − 2cx): ∂f/∂c is exactly 0, but the finite differences
+    along c see the rounding of (c + x)² ≈ 1e3, about 1e-6 in all (above atol). The
+    allowance covers it; x, whose differences are accurate, needs none."""
+
+    def fwd(inp):
+        x, c = inp["x"], inp["c"]
+        return 10 * x + ((c + x) ** 2 - c**2 - 2 * c * x), x
+
+    def bwd(dout, x):
+        return {"x": dout * (10 + 2 * x), "c": dout * 0.0}
+
+    gen = np.random.default_rng(0)
+    inputs = {"x": gen.standard_normal((4, 50)), "c": 30 + gen.standard_normal((4, 50))}
+    result = nlref.gradcheck(fwd, bwd, inputs, raise_on_failure=False)
+    assert result.ok, str(result)
+    c = result.args["c"]
+    assert c.max_abs_err > 1e-7 and 0 < c.noise <= result.noise
+    assert result.args["x"].noise == 0
+    assert nlref.gradcheck(fwd, bwd, inputs, mode="elementwise", raise_on_failure=False).ok
+
+
+def test_report_is_a_table():
+    result = nlref.gradcheck(fwd, bwd, inputs_for(np), raise_on_failure=False)
+    lines = str(result).splitlines()
+    assert lines[0] == "gradcheck (directions): PASS"
+    at = next(i for i, line in enumerate(lines) if line.startswith("argument"))
+    header, rule, rows = lines[at], lines[at + 1], lines[at + 2 :]
+    columns = ["argument", "max abs err", "max rel err", "noise", "status", "where"]
+    assert header.split() == " ".join(columns).split()
+    assert set(rule) == {"-"} and len(rule) == max(len(line) for line in [header, *rows])
+    assert [line.split()[0] for line in rows] == ["x", "w"]
+    assert all(line == line.rstrip() and len(line) <= 100 for line in lines)

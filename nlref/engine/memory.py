@@ -40,7 +40,7 @@ from typing import Any
 
 import array_api_compat
 
-from ..config import NonLocalConfig
+from ..config import NonLocalConfig, optional_count
 from ..layers.maxpool import output_size
 from . import threads as threads_
 
@@ -156,14 +156,17 @@ def plan(
         ``chunk_size >= N`` means all queries at once. None: decided by the memory (see
         the module docstring).
     memory_limit : int or None
-        Bytes the block may use; None: what the system reports available
+        Bytes the block may use (an int, NumPy ints too); None: what the system reports available
         (:func:`available_memory`). Checked against an estimate before anything is
         allocated.
     threads : int or None
         CPU threads (:func:`nlref.engine.threads.resolve_threads`): runs of batch elements
         go to separate threads when B ≥ threads, else the tiles do; BLAS runs one thread
-        per worker meanwhile. None: every usable CPU for NumPy arrays whose attention has
-        at least :data:`nlref.engine.threads.MIN_PARALLEL_ELEMENTS` elements, else 1.
+        per worker meanwhile. The work is split into ``threads`` runs (capped at B·N, one
+        query row each), which fixes the order of the sums and so the bits of the result;
+        at most :func:`nlref.engine.threads.usable_cpus` OS threads run them. None: every
+        usable CPU for NumPy arrays whose attention has at least
+        :data:`nlref.engine.threads.MIN_PARALLEL_ELEMENTS` elements, else 1.
 
     Raises
     ------
@@ -172,14 +175,12 @@ def plan(
     MemoryLimitError
         When even tiles of one query would not fit.
     """
-    if memory_limit is not None and (
-        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1
-    ):
-        raise ValueError(f"memory_limit must be None or a positive int, got {memory_limit!r}")
+    memory_limit = optional_count("memory_limit", memory_limit, "a positive int (bytes)")
     b, _, *spatial = x.shape
     keys = spatial if cfg.sub_sample is None else output_size(tuple(spatial), cfg.sub_sample)
     n, n_keys = math.prod(spatial), math.prod(keys)
-    n_threads = threads_.resolve_threads(threads, x, b * n * n_keys)
+    # more threads than pieces of work (B·N query rows) change nothing: cap them there
+    n_threads = min(threads_.resolve_threads(threads, x, b * n * n_keys), b * n)
     tiles = plan_tiles(
         tuple(x.shape),
         n_keys,
@@ -214,7 +215,7 @@ def _mib(n: float) -> str:
         return f"{n / 2**20:.1f} MiB"
     if n >= 2**10:
         return f"{n / 2**10:.1f} KiB"
-    return f"{int(n)} bytes"
+    return f"{int(n)} byte" if n == 1 else f"{int(n)} bytes"
 
 
 def persistent_bytes(
@@ -360,11 +361,7 @@ def plan_tiles(
     and ``host_limit`` whether :data:`ATTENTION_MEMORY_LIMIT` applies (host arrays).
     See :func:`plan`.
     """
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size}")
+    chunk_size = optional_count("chunk_size", chunk_size, "an int >= 1")
     batch, channels = shape[0], shape[1]
     n = math.prod(shape[2:])
     attention = batch * n * n_keys * itemsize

@@ -16,13 +16,29 @@ Forward, training
     o = \gamma\, \hat h + \beta.
 
 The variance is the mean of squared deviations, never E[h²] − E[h]² (which cancels
-catastrophically). The running statistics are updated as PyTorch does, with the *unbiased*
-variance:
+catastrophically). It is computed on deviations scaled by their largest magnitude per
+channel, :math:`s_c = \max_{b,n} |h_{b,c,n} - \mu_c|` (1 where all are 0):
+
+.. math::
+
+    \sigma^2_c = s_c \Big( s_c \cdot \frac1M \sum_{b,n} u_{b,c,n}^2 \Big),\qquad
+    u = \frac{h - \mu}{s} \in [-1, 1].
+
+The same number, but no intermediate exceeds the result: formed directly, the sum
+Σ(h − μ)² is M times the variance, and overflows (in float32, beyond 3.4e38) once the
+variance exceeds 3.4e38 / M, while the variance itself is still representable. Here
+Σu² ≤ M, its mean ≤ 1, and s·(s·mean) ≤ σ² up to rounding, so σ² is finite whenever its
+value is. The scaling costs one division per element and a few ulps in σ².
+
+The running statistics are updated as PyTorch does, with the *unbiased* variance:
 
 .. math::
 
     \mu_r \leftarrow (1-m)\,\mu_r + m\,\mu,\qquad
     \sigma^2_r \leftarrow (1-m)\,\sigma^2_r + m\,\frac{M}{M-1}\,\sigma^2.
+
+(m σ² is formed before the factor M/(M−1), which could take a variance just below the
+dtype's largest number above it.)
 
 They are returned in the cache (``running_mean``, ``running_var``); nothing is mutated.
 
@@ -101,13 +117,18 @@ def forward(
             )
         mean = xp.mean(h, axis=(0, 2))
         centred = h - mean[:, None]
-        # biased variance, the mean of squared deviations: sum over N as one vecdot per
-        # (b, c), then over B
-        var = xp.sum(xp.vecdot(centred, centred, axis=-1), axis=0) / m
+        # biased variance, the mean of squared deviations, on deviations scaled into
+        # [-1, 1] so that their sum of squares cannot overflow before the variance does
+        peak = xp.max(xp.abs(centred), axis=(0, 2))  # s (C,)
+        peak = xp.where(peak > 0, peak, xp.ones_like(peak))  # all deviations 0: s = 1
+        scaled = centred / peak[:, None]  # u
+        # sum of u² over N as one vecdot per (b, c), then over B
+        var = peak * (peak * (xp.sum(xp.vecdot(scaled, scaled, axis=-1), axis=0) / m))
         inv_std = 1.0 / xp.sqrt(var + eps)
         normalised = centred * inv_std[:, None]
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
-        new_var = (1.0 - momentum) * running_var + momentum * (var * (m / (m - 1)))
+        # momentum before M/(M-1): the unbiased variance alone may exceed float32's max
+        new_var = (1.0 - momentum) * running_var + (momentum * var) * (m / (m - 1))
     else:
         inv_std = 1.0 / xp.sqrt(running_var + eps)
         normalised = (h - running_mean[:, None]) * inv_std[:, None]
