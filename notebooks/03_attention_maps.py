@@ -24,7 +24,9 @@
 #   "non-local" in the name;
 # - why the features are put on a sphere first, and what α and the position weight do;
 # - how the four pairwise functions differ on the same query, and how a query in one frame
-#   of a clip attends across time (the paper's space-time attention).
+#   of a clip attends across time (the paper's space-time attention);
+# - how to explore every query interactively: the notebook ends with the attention
+#   explorer, which shows the map of whatever pixel the pointer is on.
 #
 # Nothing is trained here: the weights are set by hand so that the maps have a meaning.
 # Notebook 04 learns them.
@@ -49,6 +51,8 @@ from nlref.demo import photo
 image = photo.load_image(photo.sample_photo_path())
 small, factor = photo.downsample(image, 48)
 feats = photo.pixel_features(small, position_weight=0.25)
+h, w = feats.spatial
+shown = image[: h * factor, : w * factor]  # the pixels the grid covers
 print(f"photo {image.shape} -> grid {small.shape[:2]} ({factor}x{factor} pixels a cell)")
 print(f"x {feats.x.shape} = (B, C, h, w), channels {feats.channels}")
 
@@ -83,11 +87,15 @@ z, cache = nlref.forward(feats.x, params, cfg, training=False)
 print("attention", cache.attention.shape, "rows sum to", cache.attention[0].sum(axis=1)[:3])
 
 # %%
-h, w = feats.spatial
 queries = [(int(0.17 * h), w // 2), (int(0.45 * h), w // 2), (int(0.9 * h), int(0.2 * w))]
-viz.plot_attention_2d(image, cache.attention, queries, spatial=feats.spatial)
+viz.plot_attention_2d(shown, cache, queries)
 
 # %% [markdown]
+# Each title gives the query in the photo's pixels (the centre of its grid cell) and the
+# cell; each panel has its own colour bar, from 0 to that map's maximum. `cache` itself is
+# enough: `viz` reads the rows it needs with `cache.attention_rows`, which also works when
+# the attention is too large to be held and `nlref.forward` evaluated it in tiles.
+#
 # The query on the cap (left) lights up the cap *and* the uniform, which have the same dark
 # navy: far apart, similar colour. The query on the face attends to skin, wherever it is.
 # That is what "non-local" means: a convolution at the cap would only see the cap.
@@ -110,7 +118,7 @@ for pw in (0.0, 2.0):
     xpw = photo.pixel_features(small, position_weight=pw).x
     maps[f"α = 6, position weight {pw:g}"] = gaussian_attention(xpw, 6.0)
 fig = viz.plot_pairwise_comparison(
-    image, maps, query, spatial=feats.spatial, suptitle=f"query {query}: temperature and locality"
+    shown, maps, query, spatial=feats.spatial, suptitle="temperature and locality"
 )
 fig  # noqa: B018 (the cell shows its last value)
 
@@ -129,16 +137,18 @@ fig  # noqa: B018 (the cell shows its last value)
 
 # %%
 attentions = photo.attention_by_variant(feats.x, scale=6.0)
-viz.plot_pairwise_comparison(image, attentions, query, spatial=feats.spatial)
+viz.plot_pairwise_comparison(shown, attentions, query, spatial=feats.spatial)
 
 # %% [markdown]
 # Subsampling the keys (the paper's max-pool after φ and g) makes N′ four times smaller;
-# the map keeps its shape at a coarser resolution:
+# the map keeps its shape at a coarser resolution. Each pooled key covers its 2×2 window of
+# cells (the figure says the keys are pooled; max-pooling drops a last odd row or column,
+# so the map may stop one cell short of the edge):
 
 # %%
 pooled = photo.attention_by_variant(feats.x, variants=["gaussian"], scale=6.0, sub_sample=(2, 2))
 print("keys pooled 2x2:", pooled["gaussian"].shape)
-viz.plot_attention_2d(image, pooled["gaussian"], [query], spatial=feats.spatial, show_image=False)
+viz.plot_attention_2d(shown, pooled["gaussian"], [query], spatial=feats.spatial, show_image=False)
 
 # %% [markdown]
 # ## A short clip: attention across space and time
@@ -180,10 +190,30 @@ tiny_att = photo.attention_by_variant(
 viz.plot_attention_matrix(tiny_att, size=4.5)
 
 # %% [markdown]
+# ## Every query at once: the attention explorer
+#
+# A few chosen queries tell only part of the story. `viz.explore` takes any attention, or
+# forward caches, and the picture, and returns an explorer that the notebook shows inline:
+# **move the pointer over the photo** to see where that pixel attends, switch between the
+# pairwise functions, and read the row's entropy, its top keys and how far its map is from
+# the average map in the side panel. `.save("explorer.html")` writes it as one file that
+# opens in any browser with no network; `nlref explore my.jpg` does the same from the
+# command line (`nlref.explore.from_torch` builds one from a PyTorch block inside a model).
+#
+# Here: the four pairwise functions with the keys pooled 2×2 (a smaller page).
+
+# %%
+caches = photo.block_caches(feats.x, scale=6.0, sub_sample=(2, 2))
+page = viz.explore(shown, caches, title="hand-set block on the photo, keys pooled 2×2")
+print(f"{page.nbytes / 2**20:.1f} MiB; query dependence:", page.query_dependence)
+page  # noqa: B018 (the cell shows its last value)
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. Try your own image from the command line:
-#    `nlref attention my.jpg --query 120,200 --pairwise all --out cmp.png`.
+#    `nlref attention my.jpg --query 120,200 --pairwise all --out cmp.png`, and
+#    `nlref explore my.jpg --out explorer.html` to explore every pixel.
 # 2. Drop the sphere lift: build x from the colour and position channels only
 #    (`feats.x[:, :-1]`) and compare the maps. Which pixels now win every row, and why?
 # 3. Find α for which a query on the cap attends mostly to the cap alone, not the uniform.

@@ -426,6 +426,17 @@ def test_short_training_run(kind):
         assert "nl.bn.running_mean" in moved
 
 
+def test_training_shows_progress_on_request(capsys):
+    """A bar over the steps on stderr (``nlref demo --toy``), nothing by default."""
+    task, model = _small("nonlocal")
+    toy.train(task, model, steps=3, batch=4, test_size=8, show_progress=True)
+    captured = capsys.readouterr()
+    assert "nonlocal training" in captured.err and "0/3" in captured.err
+    assert captured.out == ""
+    toy.train(task, model, steps=3, batch=4, test_size=8)
+    assert capsys.readouterr().err == ""
+
+
 def test_training_runs_on_array_api_strict():
     xps = require("array_api_strict")
     task, model = _small("nonlocal")

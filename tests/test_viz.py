@@ -87,8 +87,15 @@ def test_plot_attention_2d_from_every_backend(xp):
     from matplotlib.figure import Figure
 
     assert isinstance(fig, Figure)
-    assert len(fig.axes) == 3  # the input and two queries
-    assert [ax.get_title() for ax in fig.axes[1:]] == ["query (1, 2)", "query (7, 11)"]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(panels) == 3 and len(bars) == 2  # the input, two queries, a bar each
+    # queries in image pixels (the centre of the cell), with their grid cell
+    assert [ax.get_title() for ax in panels[1:]] == [
+        "query pixel (7, 12), cell (1, 2)",
+        "query pixel (37, 57), cell (7, 11)",
+    ]
+    assert "each panel" in bars[-1].get_ylabel()
     # each query panel: the dimmed image and the overlay, both stretched over the image
     assert all(im.get_extent() == [0.0, 60.0, 40.0, 0.0] for im in _images(fig)[1:])
     # the query marker sits at the centre of its grid cell, in image pixels
@@ -99,7 +106,8 @@ def test_plot_attention_2d_from_every_backend(xp):
 def test_plot_attention_2d_without_image_and_errors():
     att = attention(12, 12)
     fig = viz.plot_attention_2d(None, att, [3], spatial=(3, 4))
-    assert len(fig.axes) == 1
+    assert len(fig.axes) == 2  # the map and its colour bar
+    assert fig.axes[0].get_title() == "query (0, 3)"  # no image: pixels are cells
     with pytest.raises(ValueError, match="ambiguous"):
         viz.plot_attention_2d(None, att, (1, 2), spatial=(3, 4))
     with pytest.raises(ValueError, match="2D query grid"):
@@ -113,7 +121,8 @@ def test_plot_attention_clip(xp):
     att = xp.asarray(attention(4 * 64, 4 * 16))  # keys pooled (1, 2, 2)
     fig = viz.plot_attention_clip(clip, att, (2, 3, 5))
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles.count("query (2, 3, 5)") == 1
+    assert titles.count("query in frame 2 at (3, 5)") == 1
+    assert "keys pooled 1×2×2: 4×4×4 key grid" in fig.get_suptitle()
     assert sum(t.startswith("frame") for t in titles) == 4
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
 
@@ -133,6 +142,9 @@ def test_plot_pairwise_comparison(xp):
 def test_plot_attention_matrix_refuses_huge_inputs():
     fig = viz.plot_attention_matrix(attention(20, 5))
     assert _images(fig)[0].get_array().shape == (20, 5)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if -0.5 <= t <= 4.5]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # keys are integers
     with pytest.raises(ValueError, match="max_entries"):
         viz.plot_attention_matrix(attention(200, 200))
 
@@ -148,6 +160,8 @@ def test_save_png(tmp_path):
         assert im.mode == "P"
     with pytest.raises(ValueError, match=r"\.png"):
         viz.save_png(fig, tmp_path / "m.jpg")
+    with pytest.raises(ValueError, match="dpi must be a positive number"):
+        viz.save_png(fig, tmp_path / "m.png", dpi=0)
 
 
 def test_nlref_imports_without_matplotlib():
@@ -178,6 +192,83 @@ def test_nlref_imports_without_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _block(sub_sample=None, chunk_size=None, shape=(1, 3, 6, 8)):
+    cfg = nlref.NonLocalConfig(
+        in_channels=shape[1], pairwise="embedded_gaussian", sub_sample=sub_sample
+    )
+    params = nlref.init_params(cfg, rng=0, scheme="random")
+    x = np.random.default_rng(1).standard_normal(shape)
+    return nlref.forward(x, params, cfg, training=False, chunk_size=chunk_size)[1]
+
+
+def test_plots_read_rows_from_a_tiled_cache():
+    """A cache whose attention the engine never held (tiles): rows are recomputed."""
+    tiled = _block(sub_sample=(2, 2), chunk_size=5)
+    whole = _block(sub_sample=(2, 2))
+    with pytest.raises(nlref.AttentionNotStoredError):
+        tiled.attention  # noqa: B018
+    row = viz.attention_row(tiled, (4, 5))  # the cache knows its grids
+    assert row.shape == (3, 4)
+    np.testing.assert_allclose(row, viz.attention_row(whole.attention, (4, 5), (6, 8)))
+    img = np.random.default_rng(2).random((12, 16, 3))
+    fig = viz.plot_attention_2d(img, tiled, [(0, 0), (5, 7)])
+    assert "keys pooled 2×2: 3×4 key grid" in fig.get_suptitle()
+    fig = viz.plot_pairwise_comparison(img, {"embedded_gaussian": tiled}, (5, 7))
+    assert "query pixel (11, 15), cell (5, 7)" in fig.get_suptitle()
+    assert viz.plot_attention_matrix(tiled) is not None
+
+
+def test_pooled_keys_cover_their_windows():
+    """Max-pooling 7 rows by 2 keeps 3 windows (6 rows): the map stops short of the edge."""
+    att = attention(7 * 8, 3 * 4)
+    img = np.zeros((70, 80, 3))
+    fig = viz.plot_attention_2d(img, att, [(0, 0)], spatial=(7, 8), show_image=False)
+    overlay = _images(fig)[1]
+    assert overlay.get_extent() == [0.0, 80.0, 60.0, 0.0]
+    assert viz.key_grid((7, 8), 12) == ((3, 4), (2, 2))
+    assert viz.key_grid((4, 6, 6), 4 * 9) == ((4, 3, 3), (1, 2, 2))
+    with pytest.raises(ValueError, match="does not give the key grid"):
+        viz.key_grid((7, 8), 12, kernel=(3, 3))
+
+
+def test_query_labels():
+    assert viz.query_label((2, 3), (10, 20), (100, 200)) == "query pixel (25, 35), cell (2, 3)"
+    assert viz.query_label(5, (4, 4)) == "query (1, 1)"
+    assert viz.query_label((2, 3), (10, 20), (100, 200), pixel=(21, 30)) == (
+        "query pixel (21, 30), cell (2, 3)"
+    )
+    assert viz.query_label((1, 2, 3), (4, 10, 20), (20, 40)) == (
+        "query in frame 1 at pixel (5, 7), cell (1, 2, 3)"
+    )
+
+
+def test_colour_scales():
+    """Weak attention stays visible on a log scale, and the colour bar says the scale."""
+    sharp = np.full((1, 2, 4), 1e-3)
+    sharp[0, :, 0] = 1.0
+    spread = np.full((1, 2, 4), 0.25)
+    att = np.concatenate([sharp, spread], axis=1)  # 4 queries on a 2×2 grid, 4 keys
+    img = np.full((2, 2, 3), 0.5)
+
+    def weak_alpha(colour_scale):
+        fig = viz.plot_attention_2d(img, att, [0], spatial=(2, 2), colour_scale=colour_scale)
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        rgba = _images(fig)[2].get_array()  # input, dimmed image, overlay
+        return float(rgba[1, 1, 3]), bars[-1].get_ylabel()  # a key with weight 1e-3
+
+    linear, label = weak_alpha("panel")
+    log, log_label = weak_alpha("log")
+    assert linear < 0.05 < 0.4 < log  # invisible on a linear scale, seen on the log one
+    assert "each panel" in label and "log scale, 4 decades" in log_label
+    fig = viz.plot_attention_2d(None, att, [0, 2], spatial=(2, 2), colour_scale="shared")
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and "one scale" in bars[0].get_ylabel()
+    with pytest.raises(ValueError, match="colour_scale must be one of"):
+        viz.plot_attention_2d(None, att, [0], spatial=(2, 2), colour_scale="loud")
+    with pytest.raises(ValueError, match="different units"):
+        viz.plot_pairwise_comparison(None, {"a": att}, 0, spatial=(2, 2), colour_scale="shared")
 
 
 # ----------------------------------------------------------------------- images

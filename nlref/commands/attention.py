@@ -11,21 +11,33 @@ image, row first::
     nlref attention photo.jpg --query 120,200 --pairwise all      # the four variants
     nlref attention photo.png --query 50,60 --pairwise dot_product --sub-sample 2
 
+Any size works: only the rows of the queries asked are read from the forward's cache
+(``cache.attention_rows``), so an attention that the engine evaluates in tiles is fine.
+Before any work the command prints an estimate of time and memory, and refuses inputs
+above 10¹⁰ query–key pairs (about 100 s of work) unless ``--force`` is given. A progress
+bar on stderr follows the forwards (quiet when stderr is not a terminal, or with
+``--quiet``).
+
 PNG files are read by matplotlib; JPEG and the other formats by Pillow (both come with
 ``pip install 'nlref[viz]'``). Exit status 0 on success, 2 on a usage error (an unreadable
-image, a query outside it, matplotlib missing).
+image, a query outside it, an input above the limit, matplotlib missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import CLIError
+from . import CLIError, _budget
 
 __all__ = ["add_parser", "parse_query"]
+
+DEFAULT_SCALE = 6.0
+#: argparse reads "-5,3" as an option unless told that it looks like a negative number
+NEGATIVE_QUERY = re.compile(r"^-\d+(,\s*-?\d+)*$|^-\d*\.\d+$")
 
 
 def parse_query(text: str) -> tuple[int, int]:
@@ -42,24 +54,83 @@ def parse_query(text: str) -> tuple[int, int]:
     return y, x
 
 
-def _cmd_attention(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as err:
+def allow_negative_values(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` read values such as ``-5,3`` as values, not as unknown options."""
+    parser._negative_number_matcher = NEGATIVE_QUERY  # argparse has no public switch
+
+
+def resolve_pairwise(chosen: list[str] | None, scale: float | None) -> tuple[list[str], str]:
+    """The variants to run, and a note on the scale; refuses a scale that a named variant
+    does not take, as :class:`nlref.NonLocalConfig` does.
+
+    Raises
+    ------
+    CLIError
+    """
+    from ..pairwise import get, names
+
+    chosen = chosen or ["gaussian"]
+    pairwise = names() if "all" in chosen else list(dict.fromkeys(chosen))
+    if scale is not None and not scale > 0:
+        raise CLIError(f"--scale must be > 0, got {scale:g}")
+    without = [n for n in pairwise if not get(n).uses_scale]
+    if scale is not None and without and "all" not in chosen:
         raise CLIError(
-            "nlref attention draws with matplotlib, which is not installed; "
+            f"--scale {scale:g}: pairwise={without[0]!r} has no θᵢᵀφⱼ term for a scale to "
+            "multiply; leave --scale out for it"
+        )
+    alpha = DEFAULT_SCALE if scale is None else scale
+    note = f"scale α = {alpha:g}" if len(without) < len(pairwise) else "no scale"
+    if without and len(without) < len(pairwise):
+        note += f" (not used by {', '.join(without)})"
+    return pairwise, note
+
+
+def check_common(args: argparse.Namespace, suffix: str) -> None:
+    """The checks ``nlref attention`` and ``nlref explore`` share (before any work)."""
+    if args.size < 2:
+        raise CLIError(f"--size must be >= 2, got {args.size}")
+    if args.position_weight < 0:
+        raise CLIError(f"--position-weight must be >= 0, got {args.position_weight}")
+    if args.sub_sample < 1:
+        raise CLIError(f"--sub-sample must be >= 1, got {args.sub_sample}")
+    if not str(args.out).lower().endswith(suffix):
+        raise CLIError(f"--out must end in {suffix}, got {args.out}")
+
+
+def need_matplotlib(command: str) -> None:
+    """Refuse early, without importing it (slow), when matplotlib is not installed."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("matplotlib") is None
+    except (ImportError, ValueError):  # a None entry in sys.modules: blocked
+        missing = True
+    if missing:
+        raise CLIError(
+            f"nlref {command} needs matplotlib (images and figures), which is not installed; "
             "pip install 'nlref[viz]'"
-        ) from err
+        )
+
+
+def read_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image file from its header, as a usage error if unreadable."""
+    from ..demo import photo
+
+    try:
+        return photo.image_size(path)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise CLIError(str(err)) from err
+
+
+def _cmd_attention(args: argparse.Namespace, out: TextIO) -> int:
+    need_matplotlib("attention")
     from .. import viz
     from ..demo import photo
-    from ..pairwise import names
 
-    pairwise = names() if "all" in args.pairwise else list(dict.fromkeys(args.pairwise))
-    try:
-        image = photo.load_image(args.image)
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from err
-    height, width = image.shape[:2]
+    pairwise, scale_note = resolve_pairwise(args.pairwise, args.scale)
+    alpha = DEFAULT_SCALE if args.scale is None else args.scale
+    height, width = read_size(args.image)
     queries = args.query
     for y, x in queries:
         if not (0 <= y < height and 0 <= x < width):
@@ -67,50 +138,86 @@ def _cmd_attention(args: argparse.Namespace, out: TextIO) -> int:
                 f"query {y},{x} lies outside the image ({height} rows x {width} columns); "
                 "give Y,X with 0 <= Y < height and 0 <= X < width"
             )
-    small, factor = photo.downsample(image, args.size)
-    feats = photo.pixel_features(small, position_weight=args.position_weight)
-    h, w = feats.spatial
-    grid = [(min(y // factor, h - 1), min(x // factor, w - 1)) for y, x in queries]
-    sub_sample = None if args.sub_sample == 1 else (args.sub_sample, args.sub_sample)
-    if sub_sample is not None and (h < args.sub_sample or w < args.sub_sample):
-        raise CLIError(f"--sub-sample {args.sub_sample} is larger than the grid {h}x{w}")
-    start = time.perf_counter()
-    atts = photo.attention_by_variant(
-        feats.x, variants=pairwise, scale=args.scale, sub_sample=sub_sample
-    )
-    seconds = time.perf_counter() - start
-    n_keys = next(iter(atts.values())).shape[-1]
+    (h, w), factor = photo.grid_shape(height, width, args.size)
+    k = args.sub_sample
+    if h < k or w < k:
+        raise CLIError(f"--sub-sample {k} is larger than the grid {h}x{w}")
+    sub_sample = None if k == 1 else (k, k)
+    channels = 3 + 2 + 1  # colour, position, the sphere's lift
+
+    def cost(size: int) -> _budget.Estimate:
+        (hs, ws), _ = photo.grid_shape(height, width, size)
+        return _budget.estimate(
+            channels, (hs, ws), (hs // k, ws // k), pairwise, sub_sample=sub_sample
+        )
+
+    est = cost(args.size)
     print(
         f"{args.image}: {height}x{width} pixels -> grid {h}x{w} ({factor}x{factor} pixels a "
-        f"cell), N={h * w}, N'={n_keys}, C={feats.x.shape[1]} features "
-        f"({', '.join(feats.channels)}), scale {args.scale:g}; forward in {seconds:.2f} s",
+        f"cell), N={h * w}, N'={(h // k) * (w // k)}"
+        + (f" (keys pooled {k}x{k}: {h // k}x{w // k})" if k > 1 else "")
+        + f", C={channels} features, {scale_note}",
         file=out,
     )
+    print(f"estimate: {est.describe()}", file=out)
+    _budget.refuse_if_too_large(
+        est,
+        force=args.force,
+        largest_size=_budget.largest_size(
+            lambda s: cost(s).pairs <= _budget.MAX_PAIRS, args.size, max(height, width)
+        ),
+        what=f"--size {args.size} on a {height}x{width} image ({h}x{w} grid)",
+    )
+    try:
+        image = photo.load_image(args.image)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    if image.shape[:2] != (height, width):
+        raise CLIError(
+            f"{args.image}: the header says {height}x{width} pixels, the pixels "
+            f"are {image.shape[0]}x{image.shape[1]}"
+        )
+    small, _ = photo.downsample(image, args.size)
+    feats = photo.pixel_features(small, position_weight=args.position_weight)
+    grid = [(min(y // factor, h - 1), min(x // factor, w - 1)) for y, x in queries]
+    start = time.perf_counter()
+    caches = photo.block_caches(
+        feats.x,
+        variants=pairwise,
+        scale=alpha,
+        sub_sample=sub_sample,
+        progress=False if args.quiet else None,
+    )
+    print(f"forward in {time.perf_counter() - start:.2f} s", file=out)
+    shown = image[: h * factor, : w * factor]  # the pixels the grid covers
+    pooled = f" of the pooled {h // k}x{w // k} key grid" if k > 1 else ""
     for (y, x), q in zip(queries, grid, strict=True):
-        for name, att in atts.items():
-            row = viz.attention_row(att, q, feats.spatial)
+        for name, cache in caches.items():
+            row = viz.attention_row(cache, q)
             peak = viz.unravel(int(row.argmax()), row.shape)
+            centre = [int((p + 0.5) * k * factor) for p in peak]
             print(
                 f"  query {y},{x} (cell {q[0]},{q[1]}) {name:<18} max {row.max():.2e} at key "
-                f"cell {peak[0]},{peak[1]}, sum {row.sum():.3f}",
+                f"cell {peak[0]},{peak[1]}{pooled} (around pixel {centre[0]},{centre[1]}), "
+                f"sum {row.sum():.3f}",
                 file=out,
             )
     if len(pairwise) == 1:
+        cache = caches[pairwise[0]]
         fig = viz.plot_attention_2d(
-            image,
-            atts[pairwise[0]],
+            shown,
+            cache,
             grid,
-            spatial=feats.spatial,
-            titles=[f"query {y},{x}" for y, x in queries],
-            suptitle=f"{pairwise[0]}, α = {args.scale:g}",
+            query_pixels=queries,
+            suptitle=f"{pairwise[0]}, {scale_note}",
         )
         figures = [(Path(args.out), fig)]
     else:
         base = Path(args.out)
         figures = []
-        for k, q in enumerate(grid):
-            path = base if len(grid) == 1 else base.with_name(f"{base.stem}_{k + 1}{base.suffix}")
-            fig = viz.plot_pairwise_comparison(image, atts, q, spatial=feats.spatial)
+        for j, (q, pixel) in enumerate(zip(grid, queries, strict=True)):
+            path = base if len(grid) == 1 else base.with_name(f"{base.stem}_{j + 1}{base.suffix}")
+            fig = viz.plot_pairwise_comparison(shown, caches, q, query_pixel=pixel)
             figures.append((path, fig))
     for path, fig in figures:
         try:
@@ -121,44 +228,32 @@ def _cmd_attention(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def add_image_options(
+    p: argparse.ArgumentParser, *, size: int, pairwise: str, limits: str = ""
+) -> None:
+    """The feature options ``nlref attention`` and ``nlref explore`` share (``limits``:
+    what ``--force`` also overrides, beyond the query-key pairs)."""
     from ..pairwise import names
 
-    p = sub.add_parser(
-        "attention",
-        help="draw where chosen pixels of an image attend (PNG)",
-        description=(
-            "Run a Non-local pairwise function on colour + position features of IMAGE and "
-            "draw the attention of each query pixel over the image."
-        ),
-    )
-    p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
-    p.add_argument(
-        "--query",
-        action="append",
-        required=True,
-        type=parse_query,
-        metavar="Y,X",
-        help="query pixel, row,column in the original image (repeatable)",
-    )
     p.add_argument(
         "--pairwise",
         action="append",
         choices=[*names(), "all"],
         metavar="NAME",
-        help=f"pairwise function (repeatable, or 'all'; default gaussian): {', '.join(names())}",
+        help=f"pairwise function (repeatable, or 'all'; default {pairwise}): {', '.join(names())}",
     )
     p.add_argument(
-        "--out",
+        "--size",
+        type=int,
+        default=size,
+        help=f"longer side of the feature grid (default {size})",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
         default=None,
-        metavar="PATH.png",
-        help="where to write the figure (default IMAGE-STEM_attention.png here)",
-    )
-    p.add_argument(
-        "--size", type=int, default=48, help="longer side of the feature grid (default 48)"
-    )
-    p.add_argument(
-        "--scale", type=float, default=6.0, help="α, the logit scale (default 6; larger is sharper)"
+        help=f"α, the logit scale of the variants that take one (default {DEFAULT_SCALE:g}; "
+        "larger is sharper)",
     )
     p.add_argument(
         "--position-weight",
@@ -173,23 +268,48 @@ def add_parser(sub: Any) -> None:
         metavar="K",
         help="max-pool the keys K x K, as sub_sample=(K, K) (default 1: off)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"run even above the limit of {_budget.MAX_PAIRS:.0e} query-key pairs{limits}",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "attention",
+        help="draw where chosen pixels of an image attend (PNG)",
+        description=(
+            "Run a Non-local pairwise function on colour + position features of IMAGE and "
+            "draw the attention of each query pixel over the image."
+        ),
+    )
+    allow_negative_values(p)
+    p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
+    p.add_argument(
+        "--query",
+        action="append",
+        required=True,
+        type=parse_query,
+        metavar="Y,X",
+        help="query pixel, row,column in the original image (repeatable)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH.png",
+        help="where to write the figure (default IMAGE-STEM_attention.png here)",
+    )
+    add_image_options(p, size=48, pairwise="gaussian")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    if args.pairwise is None:
-        args.pairwise = ["gaussian"]
     if args.out is None:
         args.out = f"{Path(args.image).stem}_attention.png"
-    if args.size < 2:
-        raise CLIError(f"--size must be >= 2, got {args.size}")
-    if not args.scale > 0:
-        raise CLIError(f"--scale must be > 0, got {args.scale}")
-    if args.position_weight < 0:
-        raise CLIError(f"--position-weight must be >= 0, got {args.position_weight}")
-    if args.sub_sample < 1:
-        raise CLIError(f"--sub-sample must be >= 1, got {args.sub_sample}")
-    if not str(args.out).lower().endswith(".png"):
-        raise CLIError(f"--out must end in .png, got {args.out}")
+    check_common(args, ".png")
+    if args.dpi < 1:
+        raise CLIError(f"--dpi must be >= 1, got {args.dpi}")
     return _cmd_attention(args, out)

@@ -50,6 +50,14 @@ class PhotoSetup:
     features: photo.PixelFeatures  # on the downsampled grid
     factor: int  # grid cell = factor x factor pixels
     queries: tuple[tuple[int, int], ...]  # on the grid
+    pixels: tuple[tuple[int, int], ...] = ()  # the same queries in image pixels
+
+    @property
+    def shown(self) -> np.ndarray:
+        """The pixels the grid covers (downsampling drops the rows and columns that do not
+        fill a cell); coordinates are those of :attr:`image`."""
+        h, w = self.features.spatial
+        return self.image[: h * self.factor, : w * self.factor]
 
 
 def photo_setup(
@@ -59,14 +67,17 @@ def photo_setup(
     queries: Sequence[tuple[float, float]] = PHOTO_QUERIES,
     position_weight: float = 0.25,
 ) -> PhotoSetup:
-    """Features of ``image`` (default: the sample photo) and grid queries from fractions."""
+    """Features of ``image`` (default: the sample photo), and queries given as fractions
+    (row, col) of the image, in pixels and on the grid."""
     if image is None:
         image = photo.load_image(photo.sample_photo_path())
     small, factor = photo.downsample(image, side)
     feats = photo.pixel_features(small, position_weight=position_weight)
     h, w = feats.spatial
-    grid = tuple((min(int(fy * h), h - 1), min(int(fx * w), w - 1)) for fy, fx in queries)
-    return PhotoSetup(image=image, features=feats, factor=factor, queries=grid)
+    pixels = tuple((int(fy * h) * factor + factor // 2, int(fx * w) * factor + factor // 2)
+                   for fy, fx in queries)  # fmt: skip
+    grid = tuple((min(py // factor, h - 1), min(px // factor, w - 1)) for py, px in pixels)
+    return PhotoSetup(image=image, features=feats, factor=factor, queries=grid, pixels=pixels)
 
 
 def photo_figure(setup: PhotoSetup | None = None, *, scale: float = PHOTO_SCALE) -> Any:
@@ -74,10 +85,11 @@ def photo_figure(setup: PhotoSetup | None = None, *, scale: float = PHOTO_SCALE)
     setup = setup or photo_setup()
     att = photo.attention_by_variant(setup.features.x, variants=["gaussian"], scale=scale)
     return viz.plot_attention_2d(
-        setup.image,
+        setup.shown,
         att["gaussian"],
         list(setup.queries),
         spatial=setup.features.spatial,
+        query_pixels=list(setup.pixels),
         suptitle=(
             f"Gaussian f = exp(α xᵢᵀxⱼ), α = {scale:g}, on colour + position features: "
             "each query attends to similar pixels, near or far"
@@ -92,7 +104,11 @@ def comparison_figure(
     setup = setup or photo_setup()
     atts = photo.attention_by_variant(setup.features.x, scale=scale)
     return viz.plot_pairwise_comparison(
-        setup.image, atts, setup.queries[query], spatial=setup.features.spatial
+        setup.shown,
+        atts,
+        setup.queries[query],
+        spatial=setup.features.spatial,
+        query_pixel=setup.pixels[query],
     )
 
 
@@ -191,6 +207,8 @@ def toy_attention_figure(
         found = np.flatnonzero(same & (batch.colours[:, 0] == c))
         picks += [int(found[0])] if found.size else []
     picks += [int(i) for i in np.flatnonzero(~same)[:different]]
+    from matplotlib.colors import LogNorm
+
     _, cache = toy.forward(result.params, batch.x[picks], result.model, training=False)
     att = nlref_to_numpy(cache.attention)  # (P, N, N)
     s = batch.x.shape[-1]
@@ -198,7 +216,8 @@ def toy_attention_figure(
     fig = viz.new_figure(1.9 * n + 1.0, 6.4)
     axes = np.array(fig.subplots(3, n, squeeze=False))
     extent = (-0.5, s - 0.5, s - 0.5, -0.5)
-    vmax = float(att.max())
+    # a log scale: spread-out rows (weights near 1/N) stay visible next to sharp ones (~1)
+    norm = LogNorm(vmin=10.0**-viz.LOG_DECADES, vmax=1.0, clip=True)
     shown = None
     for col, i in enumerate(picks):
         (ra, ca), (rb, cb) = batch.markers[i]
@@ -208,9 +227,7 @@ def toy_attention_figure(
         axes[0, col].set_title(label, fontsize=9)
         for row, (q, k, name) in enumerate(((a_flat, b_flat, "A → B"), (b_flat, a_flat, "B → A"))):
             ax = axes[row + 1, col]
-            shown = ax.imshow(
-                att[col, q].reshape(s, s), cmap="inferno", vmin=0.0, vmax=vmax, extent=extent
-            )
+            shown = ax.imshow(att[col, q].reshape(s, s), cmap="inferno", norm=norm, extent=extent)
             ax.set_title(f"{name}: {att[col, q, k]:.2f}", fontsize=9)
         for ax in axes[:, col]:
             ax.plot(ca, ra, "o", ms=11, mfc="none", mec="white", mew=1.6)
@@ -220,9 +237,18 @@ def toy_attention_figure(
     axes[0, 0].set_ylabel("input: A ○, B □")
     axes[1, 0].set_ylabel("attention of A")
     axes[2, 0].set_ylabel("attention of B")
-    fig.colorbar(shown, ax=axes[1:, :].ravel().tolist(), shrink=0.8, label="attention")
+    bar = fig.colorbar(
+        shown, ax=axes[1:, :].ravel().tolist(), shrink=0.8, label="attention (log scale)"
+    )
+    bar.ax.axhline(1 / (s * s), color=viz.QUERY_COLOUR, lw=1.5)
+    at_left = bar.ax.get_yaxis_transform()  # x in the bar's axes, y in attention
+    bar.ax.text(
+        -0.3, 1 / (s * s), "uniform", va="center", ha="right", fontsize=8, transform=at_left
+    )
     fig.suptitle(
-        f"learned attention over the N = {s * s} pixels (uniform: {1 / (s * s):.3f})", fontsize=11
+        f"learned attention over the N = {s * s} pixels (log colour scale; uniform: "
+        f"1/{s * s} = {1 / (s * s):.4f})",
+        fontsize=11,
     )
     return fig
 
@@ -237,11 +263,13 @@ def write_all(
     palette: bool = False,
     dpi: int = 90,
     log: Callable[[str], None] | None = None,
+    progress: bool | None = False,
 ) -> list[Path]:
     """Write every figure as a PNG under ``out_dir``; returns the paths, in order.
 
     ``toy_results`` (from :func:`nlref.demo.toy.train`, the non-local model first) adds the
-    toy task's figures. ``palette`` saves 256-colour PNGs (smaller, for the docs).
+    toy task's figures. ``palette`` saves 256-colour PNGs (smaller, for the docs);
+    ``progress`` shows a bar on stderr (None: when stderr is a terminal).
     """
     out = Path(out_dir)
     setup = photo_setup()
@@ -257,8 +285,10 @@ def write_all(
             ("toy_training.png", lambda: toy_curves_figure(toy_results)),
             ("toy_attention.png", lambda: toy_attention_figure(nonlocal_result)),
         ]
+    from ..progress import progress as progress_bar
+
     paths = []
-    for name, make in jobs:
+    for name, make in progress_bar(jobs, desc="figures", unit="figure", enabled=progress):
         fig = make()
         paths.append(viz.save_png(fig, out / name, dpi=dpi, palette=palette))
         if log is not None:

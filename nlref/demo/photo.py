@@ -40,13 +40,18 @@ from ..pairwise import names as pairwise_names
 __all__ = [
     "SAMPLE_PHOTO",
     "PixelFeatures",
+    "as_rgb",
     "attention_by_variant",
+    "block_caches",
     "downsample",
+    "grid_shape",
     "hand_set_params",
+    "image_size",
     "load_image",
     "pixel_features",
     "sample_photo_path",
     "synthetic_clip",
+    "variant_config",
 ]
 
 #: The photo that matplotlib ships in its sample data (Grace Hopper, 600×512, public domain).
@@ -86,20 +91,47 @@ def load_image(path: str | Path) -> np.ndarray:
     ImportError
         If matplotlib is not installed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {str(path)!r}")
     try:
         from matplotlib import image as mpimg
     except ImportError as err:
         raise ImportError(f"reading images needs matplotlib; {VIZ_HINT}") from err
+    return as_rgb(_read(path, lambda p: np.asarray(mpimg.imread(p))))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header only (fast, for estimates).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`load_image`.
+    ImportError
+        If Pillow is not installed.
+    """
     try:
-        raw = np.asarray(mpimg.imread(path))
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError(f"reading images needs Pillow; {VIZ_HINT}") from err
+
+    def size(p: Path) -> tuple[int, int]:
+        with Image.open(p) as im:
+            width, height = im.size
+        return int(height), int(width)
+
+    return _read(path, size)
+
+
+def _read(path: str | Path, read: Any) -> Any:
+    """``read(path)``, with a missing file and an undecodable one said plainly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {str(path)!r}")
+    try:
+        return read(path)
     except Exception as err:  # Pillow's UnidentifiedImageError, OSError, SyntaxError...
         raise ValueError(
             f"cannot read {str(path)!r} as an image ({type(err).__name__}: {err})"
         ) from err
-    return as_rgb(raw)
 
 
 def as_rgb(raw: np.ndarray) -> np.ndarray:
@@ -120,6 +152,15 @@ def as_rgb(raw: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 1.0)
 
 
+def grid_shape(height: int, width: int, max_side: int) -> tuple[tuple[int, int], int]:
+    """The grid (h, w) and factor f that :func:`downsample` gives an image of that size,
+    without touching any pixel (for estimates before the work)."""
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 2:
+        raise ValueError(f"max_side must be an int >= 2, got {max_side!r}")
+    f = max(1, math.ceil(max(height, width) / max_side))
+    return (height // f, width // f), f
+
+
 def downsample(image: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
     """Average f×f blocks of ``image`` (H, W, ...) so that its longer side is ≤ ``max_side``.
 
@@ -130,13 +171,10 @@ def downsample(image: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
     f : int
         The integer factor, ``ceil(max(H, W) / max_side)`` (1 when already small enough).
     """
-    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 2:
-        raise ValueError(f"max_side must be an int >= 2, got {max_side!r}")
     h, w = image.shape[:2]
-    f = max(1, math.ceil(max(h, w) / max_side))
+    (hs, ws), f = grid_shape(h, w, max_side)
     if f == 1:
         return np.asarray(image, dtype=np.float64), 1
-    hs, ws = h // f, w // f
     if hs < 1 or ws < 1:
         raise ValueError(f"image {h}x{w} is too narrow to downsample by {f}")
     crop = np.asarray(image[: hs * f, : ws * f], dtype=np.float64)
@@ -235,14 +273,40 @@ def hand_set_params(cfg: NonLocalConfig, *, xp: Any = None) -> dict[str, Array]:
     return {n: xp.asarray(v, dtype=xp.float64) for n, v in host.items()}
 
 
-def attention_by_variant(
+def variant_config(
+    name: str,
+    channels: int,
+    *,
+    scale: float | None = 4.0,
+    sub_sample: tuple[int, ...] | None = None,
+) -> NonLocalConfig:
+    """The config of the hand-set block of variant ``name`` on ``channels`` features.
+
+    θ, φ, g keep every channel (C′ = C), no norm, no biases; ``scale`` goes to the
+    variants that use one and is left out for the others (the concatenation).
+    """
+    variant = get_pairwise(name)
+    return NonLocalConfig(
+        in_channels=channels,
+        inter_channels=channels,
+        pairwise=name,
+        scale=scale if variant.uses_scale else None,
+        sub_sample=sub_sample,
+        norm=None,
+        biases=(),
+    )
+
+
+def block_caches(
     x: Array,
     *,
     variants: Sequence[str] | None = None,
-    scale: float = 4.0,
+    scale: float | None = 4.0,
     sub_sample: tuple[int, ...] | None = None,
-) -> dict[str, Array]:
-    """Run :func:`nlref.forward` once per pairwise variant on x and return the attentions.
+    chunk_size: int | None = None,
+    progress: bool | None = False,
+) -> dict[str, Any]:
+    """Run :func:`nlref.forward` once per pairwise variant on x and return the caches.
 
     Parameters
     ----------
@@ -250,38 +314,59 @@ def attention_by_variant(
         Features, e.g. :attr:`PixelFeatures.x` (any array-API backend).
     variants : sequence of str, optional
         Default: every registered variant.
-    scale : float
+    scale : float or None
         α for the variants that use it (Gaussian, embedded Gaussian, dot product).
     sub_sample : tuple of int, optional
         Max-pool of the keys, as in :class:`nlref.NonLocalConfig`.
+    chunk_size : int, optional
+        Passed to :func:`nlref.forward`; None lets it tile large attentions by itself.
+    progress : bool or None
+        A progress bar over the variants on stderr (None: when stderr is a terminal).
+
+    Returns
+    -------
+    dict
+        Variant name -> the forward's cache (:class:`nlref.BlockCache`, or an
+        :class:`nlref.engine.EngineCache` whose attention may be tiled: read its rows with
+        ``cache.attention_rows``).
+    """
+    import array_api_compat
+
+    from ..progress import progress as progress_bar
+
+    xp = array_api_compat.array_namespace(x)
+    out: dict[str, Any] = {}
+    names = list(variants or pairwise_names())
+    for name in progress_bar(names, desc="forward", unit="variant", enabled=progress):
+        cfg = variant_config(name, x.shape[1], scale=scale, sub_sample=sub_sample)
+        params = {
+            n: xp.asarray(v, dtype=x.dtype, device=array_api_compat.device(x))
+            for n, v in hand_set_params(cfg).items()
+        }
+        _, out[name] = block_forward(x, params, cfg, training=False, chunk_size=chunk_size)
+    return out
+
+
+def attention_by_variant(
+    x: Array,
+    *,
+    variants: Sequence[str] | None = None,
+    scale: float | None = 4.0,
+    sub_sample: tuple[int, ...] | None = None,
+) -> dict[str, Array]:
+    """Run :func:`nlref.forward` once per pairwise variant on x and return the attentions.
+
+    Parameters as :func:`block_caches`; the whole attention of each variant is held, so
+    this is for inputs whose attention fits in memory (N·N′ up to about 10⁷).
 
     Returns
     -------
     dict
         Variant name -> attention of shape (B, N, N′), in x's array library.
     """
-    import array_api_compat
-
-    xp = array_api_compat.array_namespace(x)
-    out: dict[str, Array] = {}
-    for name in variants or pairwise_names():
-        variant = get_pairwise(name)
-        cfg = NonLocalConfig(
-            in_channels=x.shape[1],
-            inter_channels=x.shape[1],
-            pairwise=name,
-            scale=scale if variant.uses_scale else None,
-            sub_sample=sub_sample,
-            norm=None,
-            biases=(),
-        )
-        params = {
-            n: xp.asarray(v, dtype=x.dtype, device=array_api_compat.device(x))
-            for n, v in hand_set_params(cfg).items()
-        }
-        _, cache = block_forward(x, params, cfg, training=False)
-        out[name] = cache.attention
-    return out
+    n = math.prod(x.shape[2:])
+    caches = block_caches(x, variants=variants, scale=scale, sub_sample=sub_sample, chunk_size=n)
+    return {name: cache.attention for name, cache in caches.items()}
 
 
 def synthetic_clip(

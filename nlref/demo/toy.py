@@ -56,6 +56,7 @@ from ..config import NonLocalConfig
 from ..layers import projection
 from ..params import BUFFERS
 from ..params import init_params as init_block_params
+from ..progress import progress
 from . import optim
 from .layers import conv2d, cross_entropy, global_pool, linear, relu
 
@@ -501,6 +502,7 @@ def train(
     cosine: bool = True,
     xp: Any = None,
     log_every: int = 0,
+    show_progress: bool | None = False,
 ) -> TrainResult:
     """Train ``model`` on ``task`` with Adam, on fresh images every step.
 
@@ -520,6 +522,8 @@ def train(
         Where to train (default NumPy); data are drawn with NumPy and moved.
     log_every : int
         Print the loss every this many steps (0: silent).
+    show_progress : bool or None
+        A progress bar over the steps on stderr (None: when stderr is a terminal).
     """
     if model.in_channels != task.in_channels:
         raise ValueError(
@@ -539,7 +543,8 @@ def train(
     state = optim.adam_init(trainable(params))
     losses, train_acc = [], []
     start = time.perf_counter()
-    for step in range(steps):
+    bar = progress(range(steps), desc=f"{model.kind} training", unit="step", enabled=show_progress)
+    for step in bar:
         data = sample(task, batch, gen)
         labels = xp.asarray(data.labels)
         loss, grads, cache, logits = loss_and_grads(params, xp.asarray(data.x), labels, model)
@@ -552,6 +557,8 @@ def train(
         params = new
         losses.append(loss)
         train_acc.append(float(np.mean(np.argmax(to_numpy(logits), 1) == data.labels)))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:
             print(f"{model.kind:>8} step {step + 1:4d}  loss {loss:.3f}  acc {train_acc[-1]:.2f}")
     seconds = time.perf_counter() - start
@@ -603,7 +610,21 @@ def marker_attention(
     return maps, att[idx, q, k]
 
 
-def train_default(kind: str, *, seed: int = 0, xp: Any = None, log_every: int = 0) -> TrainResult:
+def train_default(
+    kind: str,
+    *,
+    seed: int = 0,
+    xp: Any = None,
+    log_every: int = 0,
+    show_progress: bool | None = False,
+) -> TrainResult:
     """The README's run: ``train(ToyTask(), ToyModel(kind), seed=seed)`` with the defaults
     (1000 Adam steps of 64 images, peak learning rate 0.01, cosine decay)."""
-    return train(ToyTask(), ToyModel(kind), seed=seed, xp=xp, log_every=log_every)
+    return train(
+        ToyTask(),
+        ToyModel(kind),
+        seed=seed,
+        xp=xp,
+        log_every=log_every,
+        show_progress=show_progress,
+    )
