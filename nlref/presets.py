@@ -148,6 +148,24 @@ class Preset:
     native_names: Mapping[str, str] = field(default_factory=dict)
     notes: str = ""
 
+    def native_name(self, variant: str) -> str:
+        """The implementation's own name of nlref's ``variant`` (pytorchvideo: ``"softmax"``)."""
+        return self.native_names.get(variant, variant)
+
+    def variant(self, native: str) -> str:
+        """nlref's name of the implementation's variant ``native``.
+
+        Raises
+        ------
+        ValueError
+            If the implementation has no such variant.
+        """
+        for v in self.pairwise:
+            if self.native_name(v) == native:
+                return v
+        names = tuple(self.native_name(v) for v in self.pairwise)
+        raise ValueError(f"{self.name} has no variant {native!r}; it has {names}")
+
     def kernel(self, dims: int) -> tuple[int, ...]:
         """The implementation's pool kernel for ``dims`` spatial dims.
 

@@ -24,6 +24,15 @@ Parameter names and shapes are those of :func:`nlref.param_shapes` (1×1 conv we
 (Rust) or ``jnp.load``; nothing needs pickle. The manifest records each case's config and,
 per tensor, the recommended tolerances for a float64 and a float32 implementation:
 ``|got − want| ≤ atol + rtol·|want|`` elementwise. See ``docs/vectors.md``.
+
+``write(..., format="onnx")`` writes the same cases for inference engines instead, in the
+ONNX backend-test layout: one folder per case with ``model.onnx`` (the block's forward as
+standard operators, opset 17, with the case's weights; :func:`nlref.interop.onnx.to_onnx`)
+and ``test_data_set_0/input_0.pb`` (x) and ``output_0.pb`` (z), float32. The input and the
+weights are float32 numbers, and z is nlref's float64 output on exactly those numbers.
+
+A directory that already holds vectors is refused unless ``force=True``, which first
+removes the old vectors (the files of the old manifest, and any case file or folder).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from .sampling import draw_smooth_case
 
 __all__ = [
     "FORMAT",
+    "FORMATS",
     "MANIFEST",
     "VERSION",
     "Case",
@@ -63,6 +73,9 @@ __all__ = [
 FORMAT = "nlref-golden-vectors"
 VERSION = 1
 MANIFEST = "manifest.json"
+#: How the cases are stored: one .npz per case, or ONNX backend-test folders.
+FORMATS = ("npz", "onnx")
+ONNX_DATA = "test_data_set_0"
 BATCH = 2
 CHANNELS = 6
 #: Input spatial shapes per number of spatial dims (odd sizes: max-pool floors).
@@ -180,12 +193,15 @@ def _compute(
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _case_arrays(case: Case) -> dict[str, np.ndarray]:
+def _case_arrays(case: Case, float32_inputs: bool = False) -> dict[str, np.ndarray]:
     gen = np.random.default_rng(case.seed)
     # away from max-pool ties and ReLU kinks, with a live concatenation ReLU: a float32
     # implementation must not land on the other side of a kink
     params, x = draw_smooth_case(case.cfg, case.shape, gen, margin=1e-3)
     dz = gen.standard_normal(case.shape)
+    if float32_inputs:  # float32 numbers, held exactly in float64
+        params = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in params.items()}
+        x, dz = (np.asarray(a, np.float32).astype(np.float64) for a in (x, dz))
     arrays = {"x": np.asarray(x), "dz": dz}
     arrays.update({f"param/{k}": np.asarray(v) for k, v in params.items()})
     arrays.update(_compute(case.cfg, arrays["x"], params, dz, case.training))
@@ -237,65 +253,181 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _case_entry(case: Case) -> dict[str, Any]:
+    return {
+        "name": case.name,
+        "preset": case.preset,
+        "config": case.cfg.to_dict(),
+        "training": case.training,
+        "input_shape": list(case.shape),
+    }
+
+
+def _write_npz(out: Path, case: Case) -> dict[str, Any]:
+    arrays = _case_arrays(case)
+    path = out / f"{case.name}.npz"
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
+    entry = _case_entry(case)
+    entry.update(
+        file=path.name,
+        sha256=_sha256(path),
+        arrays={k: list(v.shape) for k, v in arrays.items()},
+        tolerances=_tolerances(case, arrays),
+    )
+    return {k: entry[k] for k in _NPZ_KEYS}
+
+
+_NPZ_KEYS = (
+    "name", "file", "sha256", "preset", "config", "training", "input_shape", "arrays",
+    "tolerances",
+)  # fmt: skip
+
+
+def _write_onnx(out: Path, case: Case) -> dict[str, Any]:
+    from .interop.onnx import _onnx, to_onnx
+
+    onnx = _onnx()
+    arrays = _case_arrays(case, float32_inputs=True)
+    params = {k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")}
+    folder = out / case.name
+    (folder / ONNX_DATA).mkdir(parents=True)
+    model = to_onnx(case.cfg, params, case.shape, training=case.training, name=case.name)
+    tensors = {
+        "model.onnx": model.SerializeToString(),
+        f"{ONNX_DATA}/input_0.pb": _tensor_bytes(onnx, arrays["x"], "x"),
+        f"{ONNX_DATA}/output_0.pb": _tensor_bytes(onnx, arrays["z"], "z"),
+    }
+    files = {}
+    for rel, data in tensors.items():
+        (folder / rel).write_bytes(data)
+        files[rel] = hashlib.sha256(data).hexdigest()
+    entry = _case_entry(case)
+    entry.update(file=case.name, files=files, tolerances={"z": _tolerances(case, arrays)["z"]})
+    return entry
+
+
+def _tensor_bytes(onnx: Any, array: np.ndarray, name: str) -> bytes:
+    return onnx.numpy_helper.from_array(np.asarray(array, np.float32), name).SerializeToString()
+
+
+def _existing(out: Path) -> list[Path]:
+    """What in ``out`` belongs to golden vectors: the manifest, the files and folders it
+    lists, and any case file (``*.npz``) or ONNX case folder."""
+    if not out.is_dir():
+        return []
+    found: set[Path] = set()
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        found.add(manifest)
+        try:
+            listed = json.loads(manifest.read_text(encoding="utf-8")).get("cases", [])
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            listed = []
+        for entry in listed if isinstance(listed, list) else []:
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name and "/" not in name and name not in (".", ".."):
+                if (out / name).exists():
+                    found.add(out / name)
+    found.update(p for p in out.glob("*.npz") if p.is_file())
+    found.update(p.parent.parent for p in out.glob(f"*/{ONNX_DATA}/output_0.pb"))
+    return sorted(found)
+
+
 def write(
     out_dir: str | os.PathLike[str],
     presets: Iterable[str] | None = None,
     pairwise: Iterable[str] | None = None,
+    *,
+    format: str = "npz",
+    force: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Write every case of :func:`iter_cases` to ``out_dir`` and return the manifest.
 
-    ``out_dir`` is created if needed; files of the same names are overwritten.
-    """
-    from . import __version__
+    Parameters
+    ----------
+    out_dir : path
+        Created if needed.
+    presets, pairwise : iterables of str, optional
+        Only these presets / variants.
+    format : {"npz", "onnx"}
+        One ``.npz`` per case, or one ONNX backend-test folder per case.
+    force : bool
+        Replace the vectors ``out_dir`` already holds (their files and folders are
+        removed first); without it such a directory is refused.
+    progress : bool or None
+        A progress bar on stderr: None shows it when stderr is a terminal.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cases = []
-    for case in iter_cases(presets, pairwise):
-        arrays = _case_arrays(case)
-        path = out / f"{case.name}.npz"
-        with path.open("wb") as fh:
-            np.savez(fh, **arrays)
-        cases.append(
-            {
-                "name": case.name,
-                "file": path.name,
-                "sha256": _sha256(path),
-                "preset": case.preset,
-                "config": case.cfg.to_dict(),
-                "training": case.training,
-                "input_shape": list(case.shape),
-                "arrays": {k: list(v.shape) for k, v in arrays.items()},
-                "tolerances": _tolerances(case, arrays),
-            }
-        )
+    Raises
+    ------
+    ValueError
+        If no case matches, or ``format`` is unknown.
+    FileExistsError
+        If ``out_dir`` already holds vectors and ``force`` is False.
+    """
+    import shutil
+
+    from . import __version__
+    from .progress import progress as progress_bar
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    cases = list(iter_cases(presets, pairwise))
     if not cases:
         raise ValueError(f"no case matches presets={presets!r}, pairwise={pairwise!r}")
+    out = Path(out_dir)
+    old = _existing(out)
+    if old and not force:
+        shown = ", ".join(p.name for p in old[:3]) + (", ..." if len(old) > 3 else "")
+        raise FileExistsError(
+            f"{out} already holds golden vectors ({len(old)} entries: {shown}); pass "
+            "--force (force=True) to replace them"
+        )
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_case = _write_npz if format == "npz" else _write_onnx
+    entries = [
+        write_case(out, case)
+        for case in progress_bar(cases, desc=f"vectors ({format})", unit="case", enabled=progress)
+    ]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "nlref_version": __version__,
-        "dtype": "float64",
+        "storage": format,
+        "dtype": "float64" if format == "npz" else "float32",
         "comparison": "elementwise |got - want| <= atol + rtol * |want|, with the tolerances "
         "of your implementation's dtype (tolerances.<tensor>.float64 or .float32)",
-        "keys": {
-            "x": "input (B, C, *S)",
-            "dz": "upstream gradient dL/dz, like x",
-            "z": "output, like x",
-            "attention": "f / C(x), (B, N, N'), N = prod(S) query positions in C order, "
-            "N' key positions after pooling",
-            "dx": "dL/dx",
-            "param/<name>": "parameters and BN buffers, names and shapes of "
-            "nlref.param_shapes: 1x1 conv weights (C_out, C_in), concat.weight (2C',) = "
-            "[w_theta; w_phi]; an absent <layer>.bias means no bias",
-            "grad/<name>": "dL/d<name> for every trainable parameter",
-            "buffers_after/<name>": "BN running statistics after the training-mode forward "
-            "(PyTorch's update: unbiased variance, momentum config.bn_momentum)",
-        },
-        "cases": cases,
+        "keys": _KEYS if format == "npz" else _ONNX_KEYS,
+        "cases": entries,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
+
+
+_KEYS = {
+    "x": "input (B, C, *S)",
+    "dz": "upstream gradient dL/dz, like x",
+    "z": "output, like x",
+    "attention": "f / C(x), (B, N, N'), N = prod(S) query positions in C order, "
+    "N' key positions after pooling",
+    "dx": "dL/dx",
+    "param/<name>": "parameters and BN buffers, names and shapes of "
+    "nlref.param_shapes: 1x1 conv weights (C_out, C_in), concat.weight (2C',) = "
+    "[w_theta; w_phi]; an absent <layer>.bias means no bias",
+    "grad/<name>": "dL/d<name> for every trainable parameter",
+    "buffers_after/<name>": "BN running statistics after the training-mode forward "
+    "(PyTorch's update: unbiased variance, momentum config.bn_momentum)",
+}
+_ONNX_KEYS = {
+    "model.onnx": "the block's forward, standard ONNX operators (opset 17), input x, "
+    "output z, the case's weights as float32 initializers named as nlref's parameters",
+    "test_data_set_0/input_0.pb": "x (B, C, *S), a float32 TensorProto",
+    "test_data_set_0/output_0.pb": "z, nlref's float64 output on those float32 numbers, "
+    "rounded to float32",
+}
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -356,25 +488,114 @@ def load_case(directory: str | os.PathLike[str], name: str) -> tuple[dict[str, A
 
 @dataclass
 class CheckResult:
-    """The outcome of :func:`check`: ``failures`` lists ``(case, problem)``."""
+    """The outcome of :func:`check`: ``failures`` lists ``(case, problem)``; ``per_preset``
+    maps each preset to ``[cases, tensors, worst]``."""
 
     cases: int = 0
     tensors: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     worst_rel: float = 0.0  # max |got - want| / (atol + rtol |want|) over all tensors
+    storage: str = "npz"
+    per_preset: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when every case was recomputed and matched."""
         return self.cases > 0 and not self.failures
 
+    def _count(self, preset: str, ratio: float | None = None) -> None:
+        row = self.per_preset.setdefault(preset, [0, 0, 0.0])
+        if ratio is None:
+            row[0] += 1
+            self.cases += 1
+        else:
+            row[1] += 1
+            row[2] = max(row[2], ratio)
+            self.tensors += 1
+            self.worst_rel = max(self.worst_rel, ratio)
 
-def check(directory: str | os.PathLike[str]) -> CheckResult:
+
+def _ratio(got: np.ndarray, want: np.ndarray, tol: Mapping[str, float]) -> float:
+    bound = tol["atol"] + tol["rtol"] * np.abs(want)
+    return float(np.max(np.abs(got - want) / bound, initial=0.0))
+
+
+def _check_npz(directory: Path, entry: Mapping[str, Any], result: CheckResult) -> None:
+    name, preset = entry["name"], entry.get("preset", "?")
+    file = directory / entry["file"]
+    if not file.is_file():
+        result.failures.append((name, f"missing file {entry['file']}"))
+        return
+    if _sha256(file) != entry["sha256"]:
+        result.failures.append((name, "SHA-256 differs from the manifest (file changed)"))
+    try:
+        arrays = _read_npz(file)
+    except ValueError as err:
+        result.failures.append((name, str(err)))
+        return
+    shapes = {k: list(v.shape) for k, v in arrays.items()}
+    if shapes != entry["arrays"]:
+        result.failures.append((name, f"keys/shapes {shapes} != manifest {entry['arrays']}"))
+        return
+    cfg = _config_from_dict(entry["config"])
+    params = {k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")}
+    got = _compute(cfg, arrays["x"], params, arrays["dz"], entry["training"])
+    for key in _outputs(arrays):
+        want = arrays[key]
+        if key not in got or got[key].shape != want.shape:
+            result._count(preset, math.inf)
+            result.failures.append((name, f"{key}: nlref gives no array of that shape"))
+            continue
+        ratio = _ratio(got[key], want, entry["tolerances"][key]["float64"])
+        result._count(preset, ratio)
+        if not ratio <= 1.0:
+            result.failures.append(
+                (name, f"{key}: max |nlref - file| is {ratio:.3g} x the tolerance")
+            )
+    for buffer in BUFFERS:
+        if f"buffers_after/{buffer}" in arrays and not entry["training"]:
+            result.failures.append((name, f"eval-mode case stores {buffer} updates"))
+
+
+def _check_onnx(directory: Path, entry: Mapping[str, Any], result: CheckResult) -> None:
+    from .interop.onnx import _onnx, params_from_onnx
+
+    onnx = _onnx()
+    name, preset = entry["name"], entry.get("preset", "?")
+    folder = directory / entry["file"]
+    for rel, digest in entry["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            result.failures.append((name, f"missing file {entry['file']}/{rel}"))
+            return
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            result.failures.append((name, f"SHA-256 of {rel} differs from the manifest"))
+    try:
+        model = onnx.load(str(folder / "model.onnx"))
+        x, z = (
+            onnx.numpy_helper.to_array(onnx.load_tensor(str(folder / ONNX_DATA / f)))
+            for f in ("input_0.pb", "output_0.pb")
+        )
+        cfg = _config_from_dict(entry["config"])
+        params = params_from_onnx(model, cfg)
+    except Exception as err:  # a truncated or foreign file
+        result.failures.append((name, f"cannot read {entry['file']}: {type(err).__name__}: {err}"))
+        return
+    got, _ = forward(np.asarray(x, np.float64), params, cfg, training=entry["training"])
+    ratio = _ratio(np.asarray(got), np.asarray(z, np.float64), entry["tolerances"]["z"]["float32"])
+    result._count(preset, ratio)
+    if not ratio <= 1.0:
+        result.failures.append((name, f"z: max |nlref - file| is {ratio:.3g} x the tolerance"))
+
+
+def check(directory: str | os.PathLike[str], *, progress: bool | None = None) -> CheckResult:
     """Re-verify a golden-vector directory written by :func:`write`.
 
-    For each case of the manifest: the file's SHA-256, its exact set of keys and shapes,
-    and every output recomputed by nlref (float64) from the stored inputs and parameters,
-    within the manifest's float64 tolerances.
+    For each case of the manifest: the SHA-256 of its files, its exact set of keys and
+    shapes (``.npz``), and every output recomputed by nlref (float64) from the stored
+    inputs and parameters, within the manifest's float64 tolerances (``.npz``) or, for
+    ONNX folders (whose numbers are float32), its float32 tolerance. ``progress`` shows a
+    bar on stderr (None: when stderr is a terminal).
 
     Raises
     ------
@@ -385,45 +606,16 @@ def check(directory: str | os.PathLike[str]) -> CheckResult:
         file that is missing, changed or unreadable is a failure in the result, not an
         exception.
     """
+    from .progress import progress as progress_bar
+
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    result = CheckResult()
-    for entry in manifest["cases"]:
-        name = entry["name"]
-        result.cases += 1
-        file = directory / entry["file"]
-        if not file.is_file():
-            result.failures.append((name, f"missing file {entry['file']}"))
-            continue
-        if _sha256(file) != entry["sha256"]:
-            result.failures.append((name, "SHA-256 differs from the manifest (file changed)"))
-        try:
-            arrays = _read_npz(file)
-        except ValueError as err:
-            result.failures.append((name, str(err)))
-            continue
-        shapes = {k: list(v.shape) for k, v in arrays.items()}
-        if shapes != entry["arrays"]:
-            result.failures.append((name, f"keys/shapes {shapes} != manifest {entry['arrays']}"))
-            continue
-        cfg = _config_from_dict(entry["config"])
-        params = {k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")}
-        got = _compute(cfg, arrays["x"], params, arrays["dz"], entry["training"])
-        for key in _outputs(arrays):
-            result.tensors += 1
-            tol = entry["tolerances"][key]["float64"]
-            want = arrays[key]
-            if key not in got or got[key].shape != want.shape:
-                result.failures.append((name, f"{key}: nlref gives no array of that shape"))
-                continue
-            bound = tol["atol"] + tol["rtol"] * np.abs(want)
-            ratio = float(np.max(np.abs(got[key] - want) / bound, initial=0.0))
-            result.worst_rel = max(result.worst_rel, ratio)
-            if not ratio <= 1.0:
-                result.failures.append(
-                    (name, f"{key}: max |nlref - file| is {ratio:.3g} x the tolerance")
-                )
-        for buffer in BUFFERS:
-            if f"buffers_after/{buffer}" in arrays and not entry["training"]:
-                result.failures.append((name, f"eval-mode case stores {buffer} updates"))
+    storage = manifest.get("storage", "npz")
+    if storage not in FORMATS:
+        raise ValueError(f"{directory / MANIFEST} has storage {storage!r}, not one of {FORMATS}")
+    result = CheckResult(storage=storage)
+    check_case = _check_npz if storage == "npz" else _check_onnx
+    for entry in progress_bar(manifest["cases"], desc="check", unit="case", enabled=progress):
+        result._count(entry.get("preset", "?"))
+        check_case(directory, entry, result)
     return result

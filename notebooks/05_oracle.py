@@ -25,11 +25,18 @@
 # - how the report's *first divergence* points at a bug: a wrong scale shows at the
 #   attention, a wrong pool order at the values g, a wrong gradient at the first
 #   parameter it reaches;
+# - how the report's *diagnosis* names the convention a differing module follows;
+# - how to check a block of your own, with your own sub-module names, through a `Layout`,
+#   and every block of a whole model with `check_model`;
+# - how a module run in float16 is judged: against the error an honest float16
+#   implementation makes, not against a fixed tolerance;
+# - why a freshly initialised block is a *vacuous* check, and what to do about it;
 # - what nlref found in mmcv's concatenation mode: its forward is right, its backward
 #   cannot run, and one in-place division is the whole defect.
 #
-# The modules are the real mmcv-lite 2.2.0 `NonLocal2d` (in the `test` extra). Everything
-# below calls nlref; nothing of the block is re-implemented here.
+# The modules are the real mmcv-lite 2.2.0 `NonLocal2d` (in the `test` extra) and small
+# hand-written blocks. Everything below calls nlref; nothing of the block is
+# re-implemented here.
 
 # %%
 import tempfile
@@ -40,7 +47,7 @@ from mmcv.cnn import NonLocal2d
 
 import nlref
 import nlref.testing
-from nlref.interop.torch import from_torch, key_map
+from nlref.interop.torch import Layout, from_torch, key_map
 
 # %% [markdown]
 # ## Same weights, different numbers
@@ -110,6 +117,95 @@ for row in wrong.rows[:3]:
     print(f"{row.name:<10} {row.status:<5} max abs err {row.max_abs_err:.1e}")
 
 # %% [markdown]
+# And the report says *why*: nlref reran itself with the conventions that implementations
+# disagree on (the scale, the pool order and kernel, BN's mode, each bias, the variant),
+# and one of them makes the module match:
+
+# %%
+print(wrong.diagnosis)
+
+# %% [markdown]
+# ## Your own block: a `Layout`
+#
+# Most hand-written blocks call their layers `query_conv`, `key_conv`, `value_conv`. A
+# `Layout` tells nlref where each projection lives; what the weights cannot tell (here:
+# the embedded Gaussian, and which scale) is given once, never guessed from the code.
+
+
+# %%
+class MyBlock(torch.nn.Module):
+    def __init__(self, c, inner):
+        super().__init__()
+        self.query_conv = torch.nn.Conv2d(c, inner, 1)
+        self.key_conv = torch.nn.Conv2d(c, inner, 1)
+        self.value_conv = torch.nn.Conv2d(c, inner, 1)
+        self.out_conv = torch.nn.Conv2d(inner, c, 1)
+        self.out_bn = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q = self.query_conv(x).flatten(2).transpose(1, 2)
+        k = self.key_conv(x).flatten(2)
+        v = self.value_conv(x).flatten(2).transpose(1, 2)
+        a = torch.softmax(q @ k / x.shape[1] ** 0.5, dim=-1)  # which scale is this?
+        y = (a @ v).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.out_bn(self.out_conv(y))
+
+
+layout = Layout(theta="query_conv", phi="key_conv", g="value_conv", z="out_conv", bn="out_bn")
+custom = nlref.testing.randomize(MyBlock(8, 4), 2)
+check = nlref.testing.compare(custom, x, layout=layout, pairwise="embedded_gaussian", scale=0.5)
+print(check.verdict())
+print(check.diagnosis)
+
+# %% [markdown]
+# We claimed the usual 1/√C′ = 0.5; the block divides by √C (timm's convention), and the
+# diagnosis says so. `Layout(config={"pairwise": ..., "scale": ...})` would give those
+# values once, and `nlref.interop.register_layout("mine", layout)` would make nlref
+# recognise such blocks by itself.
+#
+# ## Whole models
+#
+# `check_model` runs a model once, captures the input of every block it recognises, and
+# compares each one:
+
+# %%
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), NonLocal2d(8, sub_sample=True), MyBlock(8, 4))
+nlref.testing.randomize(model, 4)
+mine_layout = layout.replace(config={"pairwise": "embedded_gaussian", "scale": 8**-0.5})
+print(nlref.testing.check_model(model, torch.randn(2, 3, 5, 7), layouts=[mine_layout]))
+
+# %% [markdown]
+# ## Low precision
+#
+# In float16 a module cannot match float64 to 1e-10. How close must it come? nlref
+# emulates an honest float16 implementation with its own steps, rounding every tensor to
+# float16 between them, and allows each of the module's tensors 16 times the error of
+# that emulation. The columns say how far from it each tensor is:
+
+# %%
+half = nlref.testing.compare(block, x, dtype="float16")
+for row in half.rows[:4]:
+    print(
+        f"{row.name:<10} err {row.max_abs_err:.1e}  expected {row.expected_err:.1e}  "
+        f"ratio {row.ratio:.2f}  {row.status}"
+    )
+print(half.verdict())
+
+# %% [markdown]
+# ## A vacuous check
+#
+# A block straight from its constructor has BN's γ = 0: its output is x, and every
+# gradient upstream of the BN is zero, in the module and in nlref alike. Those rows match,
+# but they check nothing, and the report says so (`assert_matches` even refuses them):
+
+# %%
+fresh = NonLocal2d(8, sub_sample=True, norm_cfg=dict(type="BN"))
+vacuous = nlref.testing.compare(fresh, x)
+print(vacuous.ok, vacuous.vacuous)
+print(nlref.testing.compare(fresh, x, randomize=True).vacuous)  # a randomised copy
+
+# %% [markdown]
 # ## A bug in your own module
 #
 # A classic slip in the dot-product variant: normalising by N, the number of *queries*,
@@ -125,7 +221,12 @@ class MyNonLocal(NonLocal2d):
 
 
 mine = nlref.testing.randomize(MyNonLocal(8, mode="dot_product", sub_sample=True), 1)
-print(nlref.testing.compare(mine, x).verdict())
+bug = nlref.testing.compare(mine, x)
+print(bug.verdict())
+print(bug.diagnosis)
+
+# %% [markdown]
+# The diagnosis fitted a scale to the module and recognised the ratio: 6/35 = N′/N.
 
 # %% [markdown]
 # Without pooling N = N′ and the bug is invisible, which is why the tests of a block
@@ -185,7 +286,8 @@ print(report.verdict())
 # %% [markdown]
 # For implementations that are not PyTorch modules (CUDA, C++, JAX), nlref writes golden
 # vectors instead: inputs, parameters, outputs and every gradient, with a manifest of
-# configs and tolerances (`nlref vectors --out DIR`, `docs/vectors.md`):
+# configs and tolerances (`nlref vectors --out DIR`, `docs/vectors.md`); for inference
+# engines, `--format onnx` writes each case as `model.onnx` with its input and output:
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -206,6 +308,11 @@ print("float32 tolerance for z:", entry["tolerances"]["z"]["float32"]["atol"])
 #    Check your answer with compare.
 # 4. Freeze θ (`block.theta.conv.weight.requires_grad_(False)`) and compare again. What
 #    does the report say about that row, and is the report still `ok`?
-# 5. Write golden vectors for the `mmcv` preset and load one case's `param/` arrays into
+# 5. Make `MyBlock` forget its output conv's bias (`F.conv2d(y, self.out_conv.weight)`)
+#    and compare it in training mode. Which row diverges first, and what does the
+#    diagnosis say? Why does z itself still match?
+# 6. Compare `MyNonLocal` (the dot-product bug above) in bfloat16. Is the bug still
+#    visible at that precision? At which sizes of x would it hide below rounding?
+# 7. Write golden vectors for the `mmcv` preset and load one case's `param/` arrays into
 #    a `NonLocal2d` with `nlref.interop.torch.to_state_dict`. Does the module's output
 #    match the file's `z`?

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from .grid import NORMS
 from .test_oracle_support import check_report, randomize_alive, torch_and_testing
 
 FILES = {
@@ -25,14 +26,14 @@ FILES = {
     "concatenation": "non_local_concatenation",
 }
 SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (2, 6, 3, 5, 6)}
-NORMS = {"bn_train": (True, True), "bn_eval": (True, False), "no_bn": (False, False)}
 
 
 def _block(pairwise: str, dims: int, sub_sample: bool, norm: str) -> Any:
     torch_and_testing()  # torch is required: the transcription imports it
     lib = importlib.import_module(f"tests.test_oracle_alexhex7_lib.{FILES[pairwise]}")
     cls = {1: lib.NONLocalBlock1D, 2: lib.NONLocalBlock2D, 3: lib.NONLocalBlock3D}[dims]
-    with_bn, training = NORMS[norm]
+    norm_layer, training = NORMS[norm]  # the shared grid's BN train / BN eval / no norm
+    with_bn = norm_layer is not None
     return cls(6, sub_sample=sub_sample, bn_layer=with_bn).train(training)
 
 
@@ -53,7 +54,7 @@ def test_alexhex7_matches_nlref(pairwise: str, dims: int, sub_sample: bool, norm
     cfg = report.cfg
     assert cfg.pairwise == pairwise and cfg.scale is None and cfg.inter_channels == 3
     assert cfg.sub_sample == ({1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims] if sub_sample else None)
-    assert cfg.norm == ("batchnorm" if NORMS[norm][0] else None)
+    assert cfg.norm == NORMS[norm][0]
     assert report.row("attention").source == "forward(x, return_nl_map=True)[1]"
     check_report(report)
 
@@ -76,7 +77,7 @@ def test_alexhex7_keys_are_the_documented_ones() -> None:
         "W.1.num_batches_tracked",
         "concat_project.0.weight",
     }
-    assert set(_block("gaussian", 1, False, "no_bn").state_dict()) == {
+    assert set(_block("gaussian", 1, False, "no_norm").state_dict()) == {
         "g.weight",
         "g.bias",
         "W.weight",

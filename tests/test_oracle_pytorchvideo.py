@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from .conftest import require
+from .grid import NORMS
 from .test_oracle_support import check_report, torch_and_testing
 
 INSTANTIATIONS = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}
 POOLS = {"nopool": (1, 1, 1), "pool122": (1, 2, 2), "pool222": (2, 2, 2), "pool132": (1, 3, 2)}
-NORMS = {"none": (False, False), "bn_train": (True, True), "bn_eval": (True, False)}
 SHAPE = (2, 6, 4, 7, 5)  # odd: the pools floor
 
 
@@ -28,7 +28,8 @@ def _create(instantiation: str, pool: tuple[int, ...], norm: str, seed: int) -> 
     require("pytorchvideo")
     from pytorchvideo.layers.nonlocal_net import create_nonlocal
 
-    with_bn, training = NORMS[norm]
+    norm_layer, training = NORMS[norm]  # the shared grid's BN train / BN eval / no norm
+    with_bn = norm_layer is not None
     module = create_nonlocal(
         dim_in=6,
         dim_inner=4,

@@ -170,7 +170,7 @@ def test_a_module_that_raises_is_reported_not_fatal() -> None:
     assert not report.ok
     assert report.module_error == "RuntimeError: CUDA kernel not available"
     assert report.module_error_stage == "forward"
-    assert {r.status for r in report.rows} == {"not run"}
+    assert {r.status for r in report.rows} == {"not captured"}
     assert "FAIL: the module's forward raised" in str(report)
 
 
@@ -198,3 +198,28 @@ def test_make_module_errors() -> None:
         testing.make_module("alexhex7")
     with pytest.raises(ValueError, match="builds"):
         testing.make_module("keras")
+
+
+def test_vacuous_rows_are_named() -> None:
+    # a freshly built AlexHex7 block: BN γ = 0, so every gradient upstream of it is zero
+    _, testing = torch_and_testing()
+    fresh = _lib("embedded_gaussian").NONLocalBlock2D(6)
+    report = testing.compare(fresh, _x())
+    assert report.ok
+    assert report.vacuous == (
+        "z.weight", "z.bias", "g.weight", "g.bias", "phi.weight", "phi.bias", "theta.weight",
+        "theta.bias",
+    )  # fmt: skip
+    assert all(report.row(name).magnitude == 0.0 for name in report.vacuous)
+    text = str(report)
+    assert "warning: 8 tensors are identically zero in nlref" in text
+    assert report.to_dict()["vacuous"] == list(report.vacuous)
+    with pytest.raises(AssertionError, match=r"8 tensors are identically zero.*randomize=True"):
+        testing.assert_matches(fresh, _x())
+    assert testing.assert_matches(fresh, _x(), allow_vacuous=True).ok
+    # randomize=True compares a copy with non-degenerate weights, and says so
+    report = testing.assert_matches(fresh, _x(), randomize=True, seed=3)
+    assert report.vacuous == () and report.randomized
+    assert "(layout alexhex7, a randomised copy)" in str(report)
+    assert report.notes[0].startswith("compared a randomised copy of the module")
+    assert float(fresh.W[1].weight.detach().abs().max()) == 0.0  # the module is untouched

@@ -1,6 +1,7 @@
 r"""PyTorch Non-local modules and checkpoints -> nlref ``(cfg, params)``, and back.
 
-Four weight layouts are recognised (:data:`nlref.interop.LAYOUTS`):
+A :class:`~nlref.interop.layouts.Layout` says where a module keeps each part of the block.
+Four are registered (:data:`nlref.interop.LAYOUTS`), and :func:`register_layout` adds more:
 
 =============  ==============================================================================
 layout         module and state_dict keys
@@ -16,13 +17,21 @@ alexhex7       ``_NonLocalBlockND``: ``g.*``, ``theta.*``, ``phi.*`` (``g.0.*``,
                ``concat_project.0.weight``
 =============  ==============================================================================
 
-:func:`from_torch` reads a module: the weights from its ``state_dict`` and what the weights
-cannot tell (the variant, the logit scale, the pool kernel, BN ε and momentum) from its
-attributes. :func:`from_state_dict` reads a checkpoint: what its keys cannot tell comes
-from the layout's preset (:func:`nlref.preset`) and from ``**cfg_overrides``; where the keys
-are ambiguous (the embedded Gaussian and the dot product have the same weights) it asks for
-``pairwise=`` rather than guess. Files load with ``torch.load(..., weights_only=True)`` (or
-safetensors): nothing unpickles arbitrary objects.
+Every function that takes a ``layout`` accepts a registered name or a ``Layout`` value, so
+a hand-written block is read with no other code::
+
+    mine = Layout(theta="query_conv", phi="key_conv", g="value_conv", z="out_conv", bn="out_bn")
+    cfg, params = from_torch(block, layout=mine, pairwise="embedded_gaussian", scale=None)
+
+:func:`from_torch` reads a module: the weights from its ``state_dict``; the variant from its
+structure (a concatenation weight, or no θ for the Gaussian) or from the attributes the
+layout declares (mmcv's ``mode``, pytorchvideo's ``instantiation``); the pool kernel from
+its max-pool module; BN ε and momentum from its batch norm. Nothing reads the module's
+source code: what neither the weights nor those attributes tell comes from the layout's
+preset and from ``**cfg_overrides``, and where there is no preset to ask, a ``ValueError``
+asks for it. :func:`from_state_dict` does the same from keys alone. Files load with
+``torch.load(..., weights_only=True)`` (or safetensors): nothing unpickles arbitrary
+objects.
 
 The 1×1(×1) conv weights lose their trailing kernel dims: (C′, C, 1, 1) -> (C′, C), and
 the concatenation's (1, 2C′, 1, 1) -> (2C′,). ``num_batches_tracked`` is ignored.
@@ -32,9 +41,9 @@ This module imports torch; ``import nlref`` does not.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,82 +51,51 @@ import torch
 from torch import nn
 
 from .. import presets
-from ..config import NonLocalConfig
+from ..config import BIAS_LAYERS, NonLocalConfig
+from ..pairwise import get as get_pairwise
 from ..params import param_shapes
-from . import LAYOUTS
+from .layouts import (
+    LAYOUTS,
+    Layout,
+    get_layout,
+    layout_names,
+    register_layout,
+    unregister_layout,
+)
 
 __all__ = [
     "LAYOUTS",
-    "LAYOUT_KEYS",
+    "Layout",
     "detect_layout",
     "from_state_dict",
     "from_torch",
+    "get_layout",
     "key_map",
+    "layout_names",
     "load_checkpoint",
     "module_layout",
+    "module_paths",
+    "recognises",
+    "register_layout",
+    "submodule",
     "to_state_dict",
+    "unregister_layout",
 ]
-
-#: What each layout looks like, for error messages and the docs.
-LAYOUT_KEYS: dict[str, str] = {
-    "mmcv": "mmcv NonLocal1d/2d/3d: g.conv.*, theta.conv.*, phi.conv.* (g.0.conv.*, "
-    "phi.0.conv.* when sub-sampled), conv_out.conv.*, conv_out.bn.*, concat_project.conv.weight",
-    "timm": "timm NonLocalAttn: t.*, p.*, g.*, z.*, norm.*",
-    "pytorchvideo": "pytorchvideo NonLocal / create_nonlocal: conv_theta.*, conv_phi.*, "
-    "conv_g.*, conv_out.*, norm.*",
-    "alexhex7": "AlexHex7 _NonLocalBlockND: g.*, theta.*, phi.* (g.0.*, phi.0.* when "
-    "sub-sampled), W.0.* + W.1.* (W.* without bn_layer), concat_project.0.weight",
-}
 
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(NonLocalConfig))
+_AMBIGUOUS = ("embedded_gaussian", "dot_product")
 
 
 def _supported() -> str:
-    return "\n".join(f"  - {layout}: {LAYOUT_KEYS[layout]}" for layout in LAYOUTS)
-
-
-def _check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    return layout
+    return "\n".join(f"  - {name}: {lay.describe()}" for name, lay in LAYOUTS.items())
 
 
 # --------------------------------------------------------------------------- key maps
 
 
-def _layer_prefixes(layout: str, cfg: NonLocalConfig) -> dict[str, str]:
-    sub = cfg.sub_sample is not None
-    if layout == "mmcv":
-        return {
-            "theta": "theta.conv",
-            "phi": "phi.0.conv" if sub else "phi.conv",
-            "g": "g.0.conv" if sub else "g.conv",
-            "concat": "concat_project.conv",
-            "z": "conv_out.conv",
-            "bn": "conv_out.bn",
-        }
-    if layout == "alexhex7":
-        return {
-            "theta": "theta",
-            "phi": "phi.0" if sub else "phi",
-            "g": "g.0" if sub else "g",
-            "concat": "concat_project.0",
-            "z": "W.0" if cfg.norm is not None else "W",
-            "bn": "W.1",
-        }
-    if layout == "timm":
-        return {"theta": "t", "phi": "p", "g": "g", "z": "z", "bn": "norm"}
-    return {  # pytorchvideo
-        "theta": "conv_theta",
-        "phi": "conv_phi",
-        "g": "conv_g",
-        "z": "conv_out",
-        "bn": "norm",
-    }
-
-
-def key_map(layout: str, cfg: NonLocalConfig) -> dict[str, str]:
+def key_map(layout: str | Layout, cfg: NonLocalConfig) -> dict[str, str]:
     """nlref parameter name -> the layout's state_dict key, for every name of ``cfg``.
 
     >>> import nlref
@@ -125,39 +103,49 @@ def key_map(layout: str, cfg: NonLocalConfig) -> dict[str, str]:
     >>> key_map("mmcv", nlref.preset("mmcv", 8, sub_sample=True, dims=2))["g.weight"]
     'g.0.conv.weight'
     """
-    _check_layout(layout)
-    prefixes = _layer_prefixes(layout, cfg)
+    lay = get_layout(layout)
+    paths = lay.paths(pooled=cfg.sub_sample is not None, norm=cfg.norm is not None)
     out = {}
     for name in param_shapes(cfg):
         layer, _, kind = name.partition(".")
-        if layer not in prefixes:
-            raise ValueError(f"layout {layout!r} has no place for nlref parameter {name!r}")
-        out[name] = f"{prefixes[layer]}.{kind}"
+        if not paths.get(layer):
+            raise ValueError(f"layout {lay.name!r} has no place for nlref parameter {name!r}")
+        out[name] = f"{paths[layer]}.{kind}"
     return out
 
 
+def _needed_roles(lay: Layout) -> list[str]:
+    """The roles a block in ``lay`` always has: g, W_z, and θ unless the layout's variants
+    include the Gaussian (which compares x itself)."""
+    gaussian = lay.preset is not None and "gaussian" in presets.get(lay.preset).pairwise
+    return ["g", "z"] + ([] if gaussian or not lay.theta else ["theta"])
+
+
+def _keys_match(lay: Layout, keys: set[str]) -> bool:
+    def has(role: str) -> bool:
+        return any(f"{p}.weight" in keys for p in lay.candidate_paths(role))
+
+    return all(has(role) for role in _needed_roles(lay))
+
+
 def detect_layout(keys: Any) -> str:
-    """The layout whose characteristic keys ``keys`` (a state_dict or its keys) contain.
+    """The name of the registered layout whose keys ``keys`` (a state_dict or its keys) has.
 
     Raises
     ------
     ValueError
-        If no layout matches; the message lists the supported layouts and some keys seen.
+        If no layout matches; the message lists the registered layouts and some keys seen.
     """
     ks = set(keys)
-    if {"t.weight", "p.weight", "g.weight", "z.weight"} <= ks:
-        return "timm"
-    if {"conv_theta.weight", "conv_g.weight", "conv_out.weight"} <= ks:
-        return "pytorchvideo"
-    if ("g.conv.weight" in ks or "g.0.conv.weight" in ks) and "conv_out.conv.weight" in ks:
-        return "mmcv"
-    if ("g.weight" in ks or "g.0.weight" in ks) and ("W.weight" in ks or "W.0.weight" in ks):
-        return "alexhex7"
+    for name, lay in LAYOUTS.items():
+        if _keys_match(lay, ks):
+            return name
     seen = sorted(ks)[:8]
     raise ValueError(
         f"cannot tell the layout of a state_dict with keys {seen}"
         f"{' ...' if len(ks) > 8 else ''}; supported layouts:\n{_supported()}\n"
-        "pass layout=..., and prefix=... if the block sits inside a larger model"
+        "pass layout=... (a name or a nlref.interop.torch.Layout), and prefix=... if the "
+        "block sits inside a larger model"
     )
 
 
@@ -210,7 +198,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def from_state_dict(
     state_dict: Mapping[str, Any] | str | os.PathLike[str],
-    layout: str | None = None,
+    layout: str | Layout | None = None,
     *,
     prefix: str = "",
     dtype: str | None = "float64",
@@ -223,8 +211,9 @@ def from_state_dict(
     state_dict : mapping or path
         Name -> tensor (or NumPy array), or a file (loaded by :func:`load_checkpoint`). A
         checkpoint with a ``"state_dict"`` entry (mmengine's) is unwrapped.
-    layout : str, optional
-        One of :data:`LAYOUTS`; detected from the keys when None (:func:`detect_layout`).
+    layout : str or Layout, optional
+        A registered name (:data:`LAYOUTS`) or a :class:`Layout`; detected from the keys
+        when None (:func:`detect_layout`).
     prefix : str
         Read only the keys that start with ``prefix`` (a block inside a larger model, e.g.
         ``"backbone.layer3.1.nonlocal_block."``), with the prefix removed.
@@ -232,11 +221,12 @@ def from_state_dict(
         The dtype of the returned arrays; None keeps the checkpoint's (half precision
         becomes float32).
     **cfg_overrides
-        :func:`nlref.preset` overrides for what the keys cannot tell. ``pairwise`` is
-        required where the keys are ambiguous (embedded Gaussian vs dot product, in every
-        layout but timm). The pool kernel of pytorchvideo is not in its keys: pass
-        ``sub_sample=(1, 2, 2)`` (or ``True``) for a pooled block. mmcv's
-        ``use_scale=False`` is ``scale=None``.
+        :class:`nlref.NonLocalConfig` fields for what the keys cannot tell (they win over
+        what is read). ``pairwise`` is required where the keys are ambiguous (the embedded
+        Gaussian and the dot product have the same weights). The pool kernel of
+        pytorchvideo is not in its keys: pass ``sub_sample=(1, 2, 2)`` (or ``True``) for a
+        pooled block. mmcv's ``use_scale=False`` is ``scale=None``. A layout without a
+        preset also needs ``scale=`` (and ``pool_order=`` when it pools).
 
     Returns
     -------
@@ -247,8 +237,9 @@ def from_state_dict(
     Raises
     ------
     ValueError
-        For an unknown or undetectable layout, an ambiguous variant, or keys that do not
-        match the config exactly (the message lists the missing and unexpected keys).
+        For an unknown or undetectable layout, an ambiguous variant, a convention the
+        layout cannot tell, or keys that do not match the config exactly (the message
+        lists the missing and unexpected keys).
     """
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_checkpoint(state_dict)
@@ -272,61 +263,100 @@ def from_state_dict(
             f"no key of the state_dict starts with prefix {prefix!r} "
             f"(first keys: {sorted(map(str, state_dict))[:5]})"
         )
-    layout = detect_layout(sd) if layout is None else _check_layout(layout)
-    cfg = _infer_config(layout, sd, cfg_overrides)
-    return cfg, _convert(layout, cfg, sd, dtype)
-
-
-def _first(sd: Mapping[str, Any], *keys: str) -> str:
-    for k in keys:
-        if k in sd:
-            return k
-    raise ValueError(f"expected one of the keys {list(keys)}; got {sorted(sd)[:10]}")
+    lay = get_layout(detect_layout(sd) if layout is None else layout)
+    cfg = _infer_config(lay, sd, cfg_overrides)
+    return cfg, _convert(lay, cfg, sd, dtype)
 
 
 def _infer_config(
-    layout: str, sd: Mapping[str, Any], overrides: Mapping[str, Any]
+    lay: Layout, sd: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> NonLocalConfig:
-    g_key = {
-        "mmcv": ("g.conv.weight", "g.0.conv.weight"),
-        "alexhex7": ("g.weight", "g.0.weight"),
-        "timm": ("g.weight",),
-        "pytorchvideo": ("conv_g.weight",),
-    }[layout]
-    g_weight = sd[_first(sd, *g_key)]
+    unknown = sorted(set(overrides) - set(_CONFIG_FIELDS) - {"in_channels"})
+    unknown += sorted(set(dict(lay.config)) - set(_CONFIG_FIELDS) - {"in_channels"})
+    if unknown:
+        raise TypeError(
+            f"unexpected config override(s) {unknown}; expected NonLocalConfig fields "
+            f"{list(_CONFIG_FIELDS[1:])}"
+        )
+    pooled_g = dict(lay.pooled).get("g")
+    if pooled_g and f"{pooled_g}.weight" in sd:
+        pooled: bool | None = True
+    elif f"{lay.g}.weight" in sd:
+        pooled = False if pooled_g else None  # None: the keys do not tell
+    else:
+        keys = [f"{p}.weight" for p in lay.candidate_paths("g")]
+        raise ValueError(f"expected one of the keys {keys}; got {sorted(sd)[:10]}")
+    g_weight = sd[f"{pooled_g if pooled else lay.g}.weight"]
     shape = tuple(g_weight.shape)
-    if len(shape) < 3:
+    if lay.kind == "conv" and len(shape) < 3:
         raise ValueError(
             f"expected the g projection to be a conv weight (C′, C, 1[, 1[, 1]]), got {shape}"
         )
-    dims = len(shape) - 2
+    if lay.kind == "linear" and len(shape) != 2:
+        raise ValueError(f"expected the g projection to be a linear weight (C′, C), got {shape}")
+    dims = len(shape) - 2 if lay.kind == "conv" else None
     inter, in_channels = int(shape[0]), int(shape[1])
+    paths = lay.paths(pooled=bool(pooled), norm=True)
     found: dict[str, Any] = {"inter_channels": inter}
+    if paths["concat"] and f"{paths['concat']}.weight" in sd:
+        found["pairwise"] = "concatenation"
+    elif not paths["theta"] or f"{paths['theta']}.weight" not in sd:
+        found["pairwise"] = "gaussian"
+    if pooled is not None:
+        found["sub_sample"] = True if pooled else None
+    found["norm"] = "batchnorm" if paths["bn"] and f"{paths['bn']}.weight" in sd else None
+    values = {**dict(lay.config), **found, **overrides}
 
-    if layout in ("mmcv", "alexhex7"):
-        mm = layout == "mmcv"
-        concat = "concat_project.conv.weight" if mm else "concat_project.0.weight"
-        theta = "theta.conv.weight" if mm else "theta.weight"
-        if concat in sd:
-            found["pairwise"] = "concatenation"
-        elif theta not in sd:
-            found["pairwise"] = "gaussian"
-        found["sub_sample"] = g_key[1] in sd  # True: the layout's kernel for these dims
-        has_bn = ("conv_out.bn.weight" if mm else "W.1.weight") in sd
-        found["norm"] = "batchnorm" if has_bn else None
-    else:
-        found["norm"] = "batchnorm" if "norm.weight" in sd else None
-
-    if "pairwise" not in found and "pairwise" not in overrides:
-        options = presets.get(layout).pairwise
+    if "pairwise" not in values:
+        options = presets.get(lay.preset).pairwise if lay.preset else _AMBIGUOUS
         if len(options) > 1:
             raise ValueError(
-                f"the {layout} state_dict keys cannot tell the variant apart (the embedded "
+                f"the {lay.name} state_dict keys cannot tell the variant apart (the embedded "
                 f"Gaussian and the dot product have the same weights); pass pairwise=, one "
-                f"of {tuple(v for v in options if v in ('embedded_gaussian', 'dot_product'))}"
+                f"of {tuple(v for v in options if v in _AMBIGUOUS)}"
             )
-    # overrides win; an inconsistent one is caught by the exact key check in _convert
-    return presets.preset(layout, in_channels, dims=dims, **{**found, **overrides})
+    if lay.preset is not None:
+        return presets.preset(lay.preset, in_channels, dims=dims, **values)
+    return _custom_config(lay, sd, in_channels, dims, values)
+
+
+def _custom_config(
+    lay: Layout, sd: Mapping[str, Any], in_channels: int, dims: int | None, values: dict
+) -> NonLocalConfig:
+    """The config of a layout without a preset: every convention read or given."""
+    pairwise = values["pairwise"]
+    if "scale" not in values and get_pairwise(pairwise).uses_scale:
+        raise ValueError(
+            f"layout {lay.name!r} has no preset, so nlref cannot tell the logit scale of this "
+            f"{pairwise} block; pass scale= (None for 1, or e.g. 1/√C′ = "
+            f"{values['inter_channels'] ** -0.5:.4g}, 1/√C = {in_channels**-0.5:.4g})"
+        )
+    sub_sample = values.get("sub_sample")
+    if sub_sample is True:
+        raise ValueError(
+            f"layout {lay.name!r} has no preset to take the pool kernel from; pass "
+            "sub_sample=<kernel per spatial dim>, e.g. (2, 2)"
+        )
+    if sub_sample is False:
+        sub_sample = None
+    if sub_sample is not None and "pool_order" not in values:
+        if lay.pool_order is None:
+            raise ValueError(
+                f"layout {lay.name!r} declares no pool order; pass pool_order="
+                "'after_projection' (φ = P(W_φ x), as in the paper) or 'before_projection' "
+                "(φ = W_φ P(x), as in Caffe2 and pytorchvideo)"
+            )
+        values["pool_order"] = lay.pool_order
+    if sub_sample is not None and dims is not None and len(tuple(sub_sample)) != dims:
+        raise ValueError(
+            f"sub_sample={sub_sample!r} has {len(tuple(sub_sample))} entries but the weights "
+            f"are {dims}-D"
+        )
+    values["sub_sample"] = sub_sample
+    if "biases" not in values:  # read from the keys: each layer that has a bias
+        paths = lay.paths(pooled=sub_sample is not None, norm=values.get("norm") is not None)
+        values["biases"] = tuple(r for r in BIAS_LAYERS if paths[r] and f"{paths[r]}.bias" in sd)
+    return NonLocalConfig(in_channels=in_channels, **values)
 
 
 def _to_numpy(value: Any, dtype: str | None) -> np.ndarray:
@@ -342,16 +372,16 @@ def _to_numpy(value: Any, dtype: str | None) -> np.ndarray:
 
 
 def _convert(
-    layout: str, cfg: NonLocalConfig, sd: Mapping[str, Any], dtype: str | None
+    lay: Layout, cfg: NonLocalConfig, sd: Mapping[str, Any], dtype: str | None
 ) -> dict[str, np.ndarray]:
-    kmap = key_map(layout, cfg)
+    kmap = key_map(lay, cfg)
     expected, present = set(kmap.values()), set(sd)
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         parts = [f"missing {missing}"] if missing else []
         parts += [f"unexpected {unexpected}"] if unexpected else []
         raise ValueError(
-            f"the {layout} state_dict does not match the config (pairwise={cfg.pairwise!r}, "
+            f"the {lay.name} state_dict does not match the config (pairwise={cfg.pairwise!r}, "
             f"sub_sample={cfg.sub_sample}, norm={cfg.norm!r}, biases={cfg.biases}): "
             + "; ".join(parts)
             + ". Pass the overrides that match the checkpoint (pairwise=, sub_sample=, norm=, "
@@ -362,7 +392,7 @@ def _convert(
     for name, key in kmap.items():
         a = _to_numpy(sd[key], dtype)
         want = shapes[name]
-        if name == "concat.weight":  # (1, 2C', 1, 1) conv -> (2C',)
+        if name == "concat.weight":  # (1, 2C', 1, 1) conv or (1, 2C') linear -> (2C',)
             ok = a.ndim >= 2 and a.shape[0] == 1 and a.shape[1] == want[0]
             ok = ok and all(s == 1 for s in a.shape[2:])
         else:
@@ -379,32 +409,33 @@ def _convert(
 def to_state_dict(
     cfg: NonLocalConfig,
     params: Mapping[str, Any],
-    layout: str,
+    layout: str | Layout,
     *,
-    dims: int,
+    dims: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inverse of :func:`from_state_dict`: nlref params as a ``layout`` state_dict.
 
-    Conv weights get their trailing 1×1(×1) dims back (``dims`` of them; the
-    concatenation projection is always a 2-D conv, as in mmcv and AlexHex7), and BN gets a
-    ``num_batches_tracked`` of 0, so that ``module.load_state_dict(...)`` accepts it.
+    Conv weights get their trailing 1×1(×1) dims back (``dims`` of them, required for a
+    conv layout; the concatenation projection is always a 2-D conv, as in mmcv and
+    AlexHex7), and BN gets a ``num_batches_tracked`` of 0, so that
+    ``module.load_state_dict(...)`` accepts it.
     """
-    _check_layout(layout)
-    if dims not in (1, 2, 3):
+    lay = get_layout(layout)
+    if lay.kind == "conv" and dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
     out: dict[str, torch.Tensor] = {}
-    for name, key in key_map(layout, cfg).items():
+    for name, key in key_map(lay, cfg).items():
         t = torch.as_tensor(np.asarray(params[name]))
         if dtype is not None:
             t = t.to(dtype)
         if name == "concat.weight":
-            t = t.reshape(1, -1, 1, 1)
-        elif name.endswith(".weight") and not name.startswith("bn."):
+            t = t.reshape(1, -1, 1, 1) if lay.kind == "conv" else t.reshape(1, -1)
+        elif name.endswith(".weight") and not name.startswith("bn.") and lay.kind == "conv":
             t = t.reshape(*t.shape, *([1] * dims))
         out[key] = t.clone()
     if cfg.norm is not None:
-        bn = _layer_prefixes(layout, cfg)["bn"]
+        bn = lay.paths(pooled=cfg.sub_sample is not None, norm=True)["bn"]
         out[f"{bn}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     return out
 
@@ -412,32 +443,58 @@ def to_state_dict(
 # --------------------------------------------------------------------------- modules
 
 
-def module_layout(module: nn.Module) -> str:
+def submodule(module: nn.Module, path: str | None) -> nn.Module | None:
+    """The sub-module at the dotted ``path``, or None where there is none (or it is None)."""
+    if not path:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _has_weight(module: nn.Module | None) -> bool:
+    return module is not None and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def recognises(module: nn.Module, layout: str | Layout) -> bool:
+    """Whether ``module`` has the parts of ``layout``: the attributes it ``requires``, and
+    sub-modules at the paths of g, W_z (and θ unless the layout allows the Gaussian)."""
+    lay = get_layout(layout)
+    if not all(hasattr(module, a) for a in lay.requires):
+        return False
+
+    def has(role: str) -> bool:
+        return any(submodule(module, p) is not None for p in lay.candidate_paths(role))
+
+    return all(has(role) for role in _needed_roles(lay))
+
+
+def module_layout(module: nn.Module, layouts: Iterable[str | Layout] | None = None) -> Layout:
     """The layout of a PyTorch Non-local module, recognised from its sub-modules.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    layouts : iterable of str or Layout, optional
+        The layouts to try, in order. Default: every registered layout.
 
     Raises
     ------
     TypeError
-        If it is none of :data:`LAYOUTS`; the message lists them.
+        If it is in none of them; the message lists them and says how to describe a
+        layout of your own.
     """
-
-    def has(*names: str) -> bool:
-        return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
-
-    if has("conv_theta", "conv_phi", "conv_g", "conv_out") and hasattr(module, "instantiation"):
-        return "pytorchvideo"
-    if has("t", "p", "g", "z", "norm"):
-        return "timm"
-    if has("g", "conv_out") and isinstance(getattr(module, "mode", None), str):
-        return "mmcv"
-    if has("g", "W"):
-        return "alexhex7"
+    candidates = list(LAYOUTS.values()) if layouts is None else [get_layout(x) for x in layouts]
+    for lay in candidates:
+        if recognises(module, lay):
+            return lay
     cls = type(module)
     raise TypeError(
         f"from_torch does not recognise {cls.__module__}.{cls.__qualname__} as a Non-local "
         f"block; supported layouts:\n{_supported()}\n"
-        "pass layout=... if it follows one of them, or read its state_dict with "
-        "from_state_dict"
+        "describe your own with layout=nlref.interop.torch.Layout(theta=..., phi=..., g=..., "
+        "z=..., bn=...), naming the sub-modules that hold each projection"
     )
 
 
@@ -447,16 +504,19 @@ def _kernel_tuple(value: Any, dims: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _pool_kernel(pool: nn.Module, dims: int, where: str) -> tuple[int, ...]:
-    pools = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-    if not isinstance(pool, pools[dims]):
+_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+
+
+def _pool_kernel(pool: nn.Module, dims: int | None, where: str) -> tuple[int, ...]:
+    pool_dims = _POOLS.get(type(pool))
+    if pool_dims is None or (dims is not None and pool_dims != dims):
         raise ValueError(f"{where} is {pool!r}; nlref sub-samples with a max-pool")
-    kernel = _kernel_tuple(pool.kernel_size, dims)
-    stride = kernel if pool.stride is None else _kernel_tuple(pool.stride, dims)
+    kernel = _kernel_tuple(pool.kernel_size, pool_dims)
+    stride = kernel if pool.stride is None else _kernel_tuple(pool.stride, pool_dims)
     plain = (
         stride == kernel
-        and _kernel_tuple(pool.padding, dims) == (0,) * dims
-        and _kernel_tuple(pool.dilation, dims) == (1,) * dims
+        and _kernel_tuple(pool.padding, pool_dims) == (0,) * pool_dims
+        and _kernel_tuple(pool.dilation, pool_dims) == (1,) * pool_dims
         and not pool.ceil_mode
         and not pool.return_indices
     )
@@ -499,68 +559,54 @@ def _check_convs(module: nn.Module) -> None:
                 )
 
 
-def _alexhex7_pairwise(module: nn.Module) -> str | None:
-    if isinstance(getattr(module, "concat_project", None), nn.Module):
-        return "concatenation"
-    if not isinstance(getattr(module, "theta", None), nn.Module):
-        return "gaussian"
-    # AlexHex7 keeps each variant in its own file, all with the class _NonLocalBlockND
-    origin = type(module).__module__.rsplit(".", 1)[-1]
-    for name in ("embedded_gaussian", "dot_product"):
-        if name in origin:
-            return name
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return None
-    if "softmax" in source:
-        return "embedded_gaussian"
-    return "dot_product" if "/" in source else None
+def module_paths(module: nn.Module, layout: Layout) -> dict[str, str | None]:
+    """Role -> dotted path in this module: the layout's paths for whether it pools and has
+    a norm, as read from its sub-modules."""
+    pool_path = dict(layout.pooled).get("pool") or layout.pool
+    pooled = submodule(module, pool_path) is not None
+    norm = submodule(module, layout.paths(pooled=pooled, norm=True)["bn"]) is not None
+    return layout.paths(pooled=pooled, norm=norm)
 
 
-def _module_overrides(layout: str, module: nn.Module) -> dict[str, Any]:
+def layout_pools(lay: Layout) -> bool:
+    """Whether the layout places a key-side pool (so a module without one does not pool)."""
+    return bool(lay.pool or dict(lay.pooled).get("pool"))
+
+
+def _module_facts(module: nn.Module, lay: Layout) -> dict[str, Any]:
+    """What the module's structure and declared attributes tell about its config."""
+    paths = module_paths(module, lay)
+    g = submodule(module, paths["g"])
+    if not _has_weight(g):
+        raise ValueError(
+            f"layout {lay.name!r} places g at {paths['g']!r}, but {type(module).__name__} "
+            "has no layer with a weight there"
+        )
+    dims = g.weight.dim() - 2 if lay.kind == "conv" else None
     found: dict[str, Any] = {}
-    if layout == "mmcv":
-        found["pairwise"] = module.mode
-        if module.mode == "embedded_gaussian" and not module.use_scale:
-            found["scale"] = None
-        dims = module.g[0].conv.weight.dim() - 2 if module.sub_sample else None
-        if module.sub_sample:
-            found["sub_sample"] = _pool_kernel(module.g[1], dims, "g[1]")
-        else:
-            found["sub_sample"] = None
-        if getattr(module.conv_out, "with_norm", False):
-            found.update(_bn_settings(module.conv_out.norm, "conv_out.norm"))
-        if getattr(module.conv_out, "with_activation", False):
-            raise ValueError("mmcv conv_out has an activation; nlref's W_z has none")
-    elif layout == "timm":
-        scale = float(module.scale)
-        found["scale"] = None if scale == 1.0 else scale
-        found.update(_bn_settings(module.norm, "norm"))
-    elif layout == "pytorchvideo":
-        inst = module.instantiation
-        found["pairwise"] = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}[inst]
-        found["sub_sample"] = None if module.pool is None else _pool_kernel(module.pool, 3, "pool")
-        if module.norm is not None:
-            found.update(_bn_settings(module.norm, "norm"))
-    else:  # alexhex7
-        pairwise = _alexhex7_pairwise(module)
-        if pairwise is not None:
-            found["pairwise"] = pairwise
-        if getattr(module, "sub_sample", False):
-            g = module.g
-            found["sub_sample"] = _pool_kernel(g[1], g[0].weight.dim() - 2, "g[1]")
-        else:
-            found["sub_sample"] = None
-        if isinstance(module.W, nn.Sequential):
-            found.update(_bn_settings(module.W[1], "W[1]"))
+    pool = submodule(module, paths["pool"])
+    if pool is not None:
+        found["sub_sample"] = _pool_kernel(pool, dims, paths["pool"])
+        if lay.pool_order is not None:
+            found["pool_order"] = lay.pool_order
+    elif layout_pools(lay):
+        found["sub_sample"] = None
+    if _has_weight(submodule(module, paths["concat"])):
+        found["pairwise"] = "concatenation"
+    elif not _has_weight(submodule(module, paths["theta"])):
+        found["pairwise"] = "gaussian"
+    bn = submodule(module, paths["bn"])
+    if bn is not None:
+        found.update(_bn_settings(bn, paths["bn"]))
+    if lay.read is not None:
+        found.update(lay.read(module))
     return found
 
 
 def from_torch(
     module: nn.Module,
     *,
-    layout: str | None = None,
+    layout: str | Layout | None = None,
     dtype: str | None = "float64",
     **cfg_overrides: Any,
 ) -> tuple[NonLocalConfig, dict[str, np.ndarray]]:
@@ -569,16 +615,17 @@ def from_torch(
     Parameters
     ----------
     module : torch.nn.Module
-        An mmcv ``NonLocal1d/2d/3d`` (any mode, with or without ``sub_sample`` and a BN
-        ``norm_cfg``), a timm ``NonLocalAttn``, a pytorchvideo ``NonLocal`` (from
-        ``create_nonlocal``), or a module in AlexHex7's ``_NonLocalBlockND`` layout.
-    layout : str, optional
-        Force one of :data:`LAYOUTS` instead of recognising it.
+        A block in a registered layout (an mmcv ``NonLocal1d/2d/3d``, a timm
+        ``NonLocalAttn``, a pytorchvideo ``NonLocal``, an AlexHex7 ``_NonLocalBlockND``),
+        or in the ``layout`` you describe.
+    layout : str or Layout, optional
+        A registered name or a :class:`Layout`, instead of recognising the module.
     dtype : {"float64", "float32", None}
         Of the returned arrays (None keeps the module's).
     **cfg_overrides
-        Win over what is read from the module (for example ``pairwise=`` for an AlexHex7
-        module whose variant cannot be told from its class).
+        :class:`nlref.NonLocalConfig` fields; they win over what is read from the module
+        (``pairwise=`` for a block whose variant the layout cannot tell, ``scale=`` for a
+        layout without a preset).
 
     Returns
     -------
@@ -592,11 +639,13 @@ def from_torch(
         If ``module`` is not a recognised Non-local block; the message lists the layouts.
     ValueError
         If it uses something nlref does not model (a norm other than batch norm, a pool
-        other than a plain max-pool, a conv that is not 1×1).
+        other than a plain max-pool, a conv that is not 1×1), or a convention neither the
+        module nor the layout tells is not given.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    layout = module_layout(module) if layout is None else _check_layout(layout)
-    _check_convs(module)
-    overrides = {**_module_overrides(layout, module), **cfg_overrides}
-    return from_state_dict(module.state_dict(), layout, dtype=dtype, **overrides)
+    lay = module_layout(module) if layout is None else get_layout(layout)
+    if lay.kind == "conv":
+        _check_convs(module)
+    overrides = {**_module_facts(module, lay), **cfg_overrides}
+    return from_state_dict(module.state_dict(), lay, dtype=dtype, **overrides)

@@ -1,0 +1,139 @@
+"""Block families the oracle compares: what :func:`nlref.testing.compare` needs to know.
+
+:func:`~nlref.testing.compare` itself is generic: it deep-copies the module, runs it with
+probes on the tensors the layout exposes, collects its output, BN buffers, parameter
+gradients and dx, and compares each with nlref's. Everything that depends on the block
+comes from a :class:`Family`, named by ``Layout.family``:
+
+- ``read``: the module's config and parameters (through its layout);
+- ``reference``: nlref's tensors, keyed by the names of the report's rows, in the order
+  the computation produces them;
+- ``emulate``: the same in float16 or bfloat16, rounded step by step
+  (:mod:`nlref.testing.precision`);
+- ``probes``: the module's intermediate tensors the layout lets the oracle capture;
+- ``keys``: nlref parameter and buffer names -> the module's own;
+- ``conventions``: what the diagnosis varies when the module does not match
+  (:mod:`nlref.testing.diagnosis`);
+- ``summary``: the config line of the report.
+
+The Non-local block is :mod:`nlref.testing.nonlocal_block`. Another family (the global
+context block, the disentangled non-local block) plugs in with :func:`register_family` and
+layouts whose ``family`` names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FAMILIES", "Family", "Probe", "get_family", "register_family"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where to capture one of the module's intermediate tensors.
+
+    Attributes
+    ----------
+    name : str
+        The row it fills (``"g"``, ``"attention"``).
+    target : str or None
+        A sub-module (its forward output is captured) or a method (wrapped on the oracle's
+        copy, its return value captured), by dotted path.
+    kwarg : str or None
+        A keyword of ``forward`` that makes it return ``(out, tensor)``.
+    channels_last : bool
+        The captured tensor has its channels last (an ``nn.Linear`` output).
+    why_not : str
+        Shown when there is neither a target nor a kwarg: why the tensor is not captured.
+    """
+
+    name: str
+    target: str | None = None
+    kwarg: str | None = None
+    channels_last: bool = False
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One block family: see the module docstring for each callable's role.
+
+    Attributes
+    ----------
+    name : str
+    read : callable
+        ``read(module, layout, overrides) -> (cfg, params)``, params as float64 arrays.
+    reference : callable
+        ``reference(cfg, params, x, dz, training, backward=True) -> {name: array}``: in
+        the dtype of x (float64 for the truth, float32 for the float32 estimate). With
+        ``backward=False``, only the forward tensors.
+    emulate : callable
+        ``emulate(cfg, params, x, dz, training, fmt) -> {name: array}``.
+    probes : callable
+        ``probes(layout, module, cfg) -> list of Probe``.
+    keys : callable
+        ``keys(layout, cfg) -> {nlref name: module state_dict key}`` for parameters and
+        buffers.
+    forward_names : tuple of str
+        Rows computed by the forward (the others are buffers, gradients, dx).
+    buffer_names : tuple of str
+        Rows that are buffers updated by a training-mode forward.
+    conventions : callable
+        ``conventions(cfg, training, x_shape) -> list of diagnosis.Change``.
+    summary : callable
+        ``summary(cfg) -> str``, the config line of the report.
+    terms : callable
+        ``terms(cfg, x_shape) -> {name: K}``: how many positions a tensor sums over (a
+        parameter gradient sums over the batch and the positions). In float16 and
+        bfloat16 the expected error of such a tensor is √K times the emulated one
+        (:mod:`nlref.testing.precision`).
+    """
+
+    name: str
+    read: Callable[..., tuple[Any, dict[str, np.ndarray]]]
+    reference: Callable[..., dict[str, np.ndarray]]
+    emulate: Callable[..., dict[str, np.ndarray]]
+    probes: Callable[..., list[Probe]]
+    keys: Callable[..., Mapping[str, str]]
+    forward_names: tuple[str, ...]
+    buffer_names: tuple[str, ...]
+    conventions: Callable[..., list[Any]]
+    summary: Callable[[Any], str]
+    terms: Callable[..., Mapping[str, int]] = lambda cfg, x_shape: {}
+
+    def stage(self, name: str) -> str:
+        """``"forward"``, ``"buffers"`` or ``"backward"`` for the row called ``name``."""
+        if name in self.forward_names:
+            return "forward"
+        return "buffers" if name in self.buffer_names else "backward"
+
+
+#: The registered families, by name.
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` (layouts name it in ``Layout.family``)."""
+    if family.name in FAMILIES and FAMILIES[family.name] is not family:
+        raise ValueError(f"a block family named {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``.
+
+    Raises
+    ------
+    ValueError
+        If none is registered under that name.
+    """
+    if name not in FAMILIES:
+        from . import nonlocal_block  # noqa: F401  (registers the Non-local family)
+    if name not in FAMILIES:
+        raise ValueError(f"unknown block family {name!r}; registered: {tuple(FAMILIES)}")
+    return FAMILIES[name]
