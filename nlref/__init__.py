@@ -17,7 +17,17 @@ True
 (2, 16, 16)
 """
 
-from . import engine, family, interop, layers, pairwise, presets, testing, vectors  # no torch
+from . import (  # none of these imports torch
+    analysis,
+    engine,
+    family,
+    interop,
+    layers,
+    pairwise,
+    presets,
+    testing,
+    vectors,
+)
 from ._backend import to_numpy
 from .block import BlockCache, backward, forward
 from .config import NonLocalConfig
@@ -41,6 +51,7 @@ __all__ = [
     "MemoryLimitError",
     "NonLocalConfig",
     "__version__",
+    "analysis",
     "apply_buffer_updates",
     "backward",
     "draw_smooth_case",
