@@ -2,9 +2,10 @@
 
 Backends are parametrised through the ``xp`` fixture: NumPy always, array-api-strict
 (the proof that only the standard is used), and CuPy (marker ``gpu``) where a CUDA device
-exists. A missing optional backend or dependency is skipped locally, but the environment
-variable ``NLREF_REQUIRE`` (comma separated, e.g. ``torch,array_api_strict``) turns it into
-a failure: CI sets it so that nothing passes by skipping.
+exists; PyTorch tensors and JAX arrays run the core matrix in ``tests/test_backends.py``.
+A missing optional backend or dependency is skipped locally, but the environment variable
+``NLREF_REQUIRE`` (comma separated, e.g. ``torch,array_api_strict``) turns it into a
+failure: CI sets it so that nothing passes by skipping.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 REQUIRED = {s.strip() for s in os.environ.get("NLREF_REQUIRE", "").split(",") if s.strip()}
-KNOWN_REQUIREMENTS = {"torch", "array_api_strict", "cupy"}
+KNOWN_REQUIREMENTS = {"torch", "jax", "array_api_strict", "cupy"}
 KNOWN_REQUIREMENTS |= {"mmcv", "pytorchvideo", "timm"}  # the real modules of the oracle tests
 KNOWN_REQUIREMENTS |= {"matplotlib", "jupytext"}  # nlref.viz, the notebooks
 

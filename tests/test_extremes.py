@@ -38,19 +38,11 @@ import pytest
 import nlref
 from nlref.layers import batchnorm
 
+from . import grid
+from .grid import NORMS, SUB_SAMPLES, VARIANTS, B, C, host
 from .torch_reference import torch_block
 
-VARIANTS = nlref.pairwise.names()
-SOFTMAX_VARIANTS = [v for v in VARIANTS if nlref.pairwise.get(v).softmax]
-B, C, C_INTER = 2, 4, 3
-SPATIAL = (5, 6)
-SHAPE = (B, C, *SPATIAL)
-SUB_SAMPLES = {
-    "full": (None, "after_projection"),
-    "pool_after": ((2, 2), "after_projection"),
-    "pool_before": ((2, 2), "before_projection"),
-}
-NORMS = {"bn_train": ("batchnorm", True), "bn_eval": ("batchnorm", False), "no_norm": (None, True)}
+SHAPE = grid.shape(2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,25 +75,13 @@ def finite_arithmetic() -> Iterator[None]:
 
 
 def make_cfg(pairwise: str, sub: str, norm: str | None, **kw: Any) -> nlref.NonLocalConfig:
-    kernel, order = SUB_SAMPLES[sub]
-    return nlref.NonLocalConfig(
-        in_channels=C,
-        inter_channels=C_INTER,
-        pairwise=pairwise,
-        sub_sample=kernel,
-        pool_order=order,
-        norm=norm,
-        **kw,
-    )
+    """A 2D grid config, unscaled: the expected logits below are xᵢᵀxⱼ themselves."""
+    return grid.config(pairwise, 2, sub, norm, scale=None, **kw)
 
 
 def is_numpy(xp: Any) -> bool:
     """The torch comparisons run once, on NumPy; the other backends are checked for finiteness."""
     return xp is array_api_compat.array_namespace(np.empty(0))
-
-
-def host(a: Any) -> np.ndarray:
-    return np.array(nlref.to_numpy(a), copy=True)
 
 
 def run(

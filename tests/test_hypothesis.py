@@ -38,8 +38,8 @@ import nlref
 from nlref.config import BIAS_LAYERS, POOL_ORDERS
 
 from .conftest import require
+from .grid import VARIANTS
 
-VARIANTS = nlref.pairwise.names()
 MAX_SIZE = {1: 9, 2: 6, 3: 4}  # per spatial dim, by number of spatial dims
 NUMPY = array_api_compat.array_namespace(np.empty(0))
 

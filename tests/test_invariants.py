@@ -23,32 +23,17 @@ import pytest
 
 import nlref
 
-VARIANTS = nlref.pairwise.names()
-B, C, C_INTER = 3, 4, 3
-SPATIAL = (5, 6)  # odd: the pooled grid floors
-SHAPE = (B, C, *SPATIAL)
-SUB_SAMPLES = {
-    "full": (None, "after_projection"),
-    "pool_after": ((2, 2), "after_projection"),
-    "pool_before": ((2, 2), "before_projection"),
-}
-NORMS = {"bn_train": ("batchnorm", True), "bn_eval": ("batchnorm", False), "no_norm": (None, True)}
-DTYPES = ["float64", "float32"]
+from . import grid
+from .grid import DTYPES, NORMS, SUB_SAMPLES, VARIANTS, host
+
+B = 3  # three samples: the batch-independence check compares each with the others
+SHAPE = grid.shape(2, batch=B)
 
 
 def setup(
     pairwise: str, sub: str, norm: str | None, dtype: str, xp: Any, seed: int = 0
 ) -> tuple[nlref.NonLocalConfig, Any, dict[str, Any], Any]:
-    kernel, order = SUB_SAMPLES[sub]
-    cfg = nlref.NonLocalConfig(
-        in_channels=C,
-        inter_channels=C_INTER,
-        pairwise=pairwise,
-        scale=0.7 if nlref.pairwise.get(pairwise).uses_scale else None,
-        sub_sample=kernel,
-        pool_order=order,
-        norm=norm,
-    )
+    cfg = grid.config(pairwise, 2, sub, norm)
     gen = np.random.default_rng(seed)
     params, x = nlref.draw_smooth_case(cfg, SHAPE, rng=gen, xp=xp, dtype=dtype)
     dz = xp.asarray(gen.standard_normal(SHAPE), dtype=getattr(xp, dtype))
@@ -59,10 +44,6 @@ def outputs(x: Any, params: dict[str, Any], cfg: Any, training: bool, dz: Any) -
     z, cache = nlref.forward(x, params, cfg, training=training)
     dx, grads = nlref.backward(dz, cache)
     return {"z": z, "attention": cache.attention, "dx": dx, **grads, **cache.updated_buffers}
-
-
-def host(a: Any) -> np.ndarray:
-    return np.array(nlref.to_numpy(a), copy=True)
 
 
 def is_numpy(xp: Any) -> bool:

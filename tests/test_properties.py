@@ -22,46 +22,34 @@ import pytest
 
 import nlref
 
+from . import grid
+from .grid import (
+    C_INTER,
+    NORM_LAYERS,
+    NOT_SOFTMAX_VARIANTS,
+    SOFTMAX_VARIANTS,
+    SUB_SAMPLES,
+    VARIANTS,
+    B,
+    C,
+    host,
+)
 from .torch_reference import torch_embeddings
 
-B, C, C_INTER = 2, 4, 3
-SPATIAL = (5, 6)  # odd: max-pool floors the last row
-KERNEL = (2, 2)
-SHAPE = (B, C, *SPATIAL)
-VARIANTS = nlref.pairwise.names()
-SOFTMAX_VARIANTS = [v for v in VARIANTS if nlref.pairwise.get(v).softmax]
-NORMALISED_BY_N_KEYS = [v for v in VARIANTS if not nlref.pairwise.get(v).softmax]
-SUB_SAMPLES = {
-    "full": (None, "after_projection"),
-    "pool_after": (KERNEL, "after_projection"),
-    "pool_before": (KERNEL, "before_projection"),
-}
-NORMS = {"bn": "batchnorm", "no_norm": None}
+SPATIAL = grid.SPATIAL[2][0]  # odd: max-pool floors
+SHAPE = grid.shape(2)
+NORMALISED_BY_N_KEYS = NOT_SOFTMAX_VARIANTS
 
 
 def make_cfg(pairwise: str, sub: str = "full", norm: str | None = "batchnorm", **kw: Any) -> Any:
-    kernel, order = SUB_SAMPLES[sub]
-    if "scale" not in kw and nlref.pairwise.get(pairwise).uses_scale:
-        kw["scale"] = 0.7  # a non-trivial scale wherever one applies
-    return nlref.NonLocalConfig(
-        in_channels=C,
-        inter_channels=C_INTER,
-        pairwise=pairwise,
-        sub_sample=kernel,
-        pool_order=order,
-        norm=norm,
-        **kw,
-    )
+    """A 2D grid config (a non-trivial scale wherever one applies, unless given)."""
+    return grid.config(pairwise, 2, sub, norm, **kw)
 
 
 def random_setup(cfg: Any, xp: Any, seed: int = 0, dtype: str = "float64") -> tuple[Any, Any]:
     gen = np.random.default_rng(seed)
     params, x = nlref.draw_smooth_case(cfg, SHAPE, rng=gen, xp=xp, dtype=dtype)
     return x, params
-
-
-def host(a: Any) -> np.ndarray:
-    return np.array(nlref.to_numpy(a), copy=True)
 
 
 # --- NumPy re-derivation of the embeddings (for the normalisation checks) -----------------
@@ -101,7 +89,7 @@ def np_theta_phi(x: np.ndarray, params: dict[str, np.ndarray], cfg: Any) -> tupl
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("norm", list(NORMS.values()), ids=list(NORMS))
+@pytest.mark.parametrize("norm", list(NORM_LAYERS.values()), ids=list(NORM_LAYERS))
 @pytest.mark.parametrize("sub", list(SUB_SAMPLES))
 @pytest.mark.parametrize("pairwise", VARIANTS)
 def test_fresh_block_is_identity(
@@ -131,7 +119,7 @@ def test_softmax_rows_sum_to_one(pairwise: str, sub: str, xp: Any) -> None:
     x, params = random_setup(cfg, xp)
     _, cache = nlref.forward(x, params, cfg)
     attention = host(cache.attention)
-    n_keys = math.prod(SPATIAL) if cfg.sub_sample is None else 2 * 3
+    n_keys = grid.n_keys(sub)
     assert attention.shape == (B, math.prod(SPATIAL), n_keys)
     assert np.all(attention > 0)
     np.testing.assert_allclose(attention.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
@@ -160,7 +148,8 @@ def test_attention_is_normalised_by_key_count(pairwise: str, sub: str, xp: Any) 
     hp = {n: host(v) for n, v in params.items()}
     theta, phi = np_theta_phi(host(x), hp, cfg)
     n_keys = phi.shape[-1]
-    assert n_keys == (math.prod(SPATIAL) if cfg.sub_sample is None else 2 * 3)  # after pooling
+    assert n_keys == grid.n_keys(sub)  # after pooling
+    assert n_keys == (math.prod(SPATIAL) if cfg.sub_sample is None else 2 * 2)
     if pairwise == "dot_product":
         unnormalised = cfg.effective_scale * np.einsum("bci,bcj->bij", theta, phi)
     elif pairwise == "concatenation":
@@ -247,7 +236,7 @@ def test_float32_in_float32_out(pairwise: str, sub: str, training: bool, xp: Any
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("norm", list(NORMS.values()), ids=list(NORMS))
+@pytest.mark.parametrize("norm", list(NORM_LAYERS.values()), ids=list(NORM_LAYERS))
 @pytest.mark.parametrize("pairwise", VARIANTS)
 def test_no_mutation_and_buffer_updates(
     pairwise: str, norm: str | None, training: bool, xp: Any
@@ -314,7 +303,7 @@ def test_no_mutation_and_buffer_updates(
 
 
 @pytest.mark.parametrize("biases", [nlref.config.BIAS_LAYERS, ("g",), ()], ids=["all", "g", "none"])
-@pytest.mark.parametrize("norm", list(NORMS.values()), ids=list(NORMS))
+@pytest.mark.parametrize("norm", list(NORM_LAYERS.values()), ids=list(NORM_LAYERS))
 @pytest.mark.parametrize("pairwise", VARIANTS)
 def test_grad_keys_are_trainable_names_in_order(
     pairwise: str, norm: str | None, biases: tuple[str, ...], xp: Any

@@ -17,7 +17,8 @@ import pytest
 
 import nlref
 from nlref.demo import optim, toy
-from nlref.demo.layers import conv2d, cross_entropy, global_pool, linear, relu
+from nlref.demo.layers import conv2d, cross_entropy, linear
+from nlref.layers import global_pool, relu
 
 from .conftest import require
 
