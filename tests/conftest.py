@@ -21,6 +21,8 @@ REQUIRED = {s.strip() for s in os.environ.get("NLREF_REQUIRE", "").split(",") if
 KNOWN_REQUIREMENTS = {"torch", "jax", "array_api_strict", "cupy"}
 KNOWN_REQUIREMENTS |= {"mmcv", "pytorchvideo", "timm"}  # the real modules of the oracle tests
 KNOWN_REQUIREMENTS |= {"matplotlib", "jupytext"}  # nlref.viz, the notebooks
+KNOWN_REQUIREMENTS |= {"mmsegmentation"}  # the disentangled non-local block's real module
+KNOWN_REQUIREMENTS |= {"chromium"}  # the explorer's page in a real browser (Debian's chromium)
 
 # Hypothesis profiles for the property-based tests (tests/test_hypothesis.py), chosen with
 # HYPOTHESIS_PROFILE: "ci" (the default: few examples, derandomized so that CI is
