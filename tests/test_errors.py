@@ -5,7 +5,9 @@ docs/errors.md is a table with one row per bad input: a case id, the input, the 
 function per case id (``CASES``) and
 
 - runs every documented row: the case must raise exactly the documented class with the
-  documented text in its message, or, for a "works" row, run (and check its own result);
+  documented text in its message; for a "works" row, run (and check its own result); for
+  a "reported" row, return the report that holds the text; for an "exit 2" row (a command
+  line), exit with status 2 and print one line on stderr that holds the text;
 - checks that the table and ``CASES`` list the same ids, so that neither a row without a
   test nor a test without a row can exist.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
+import io
 import json
 import math
 import os
@@ -423,19 +427,25 @@ case("checkpoint-garbage")(lambda: _load_checkpoint(lambda path: path.write_text
 _VECTORS: list[Path] = []
 
 
+def _vector_source() -> Path:
+    """A valid golden-vector directory (the paper preset's dot product), written once per
+    session and removed at exit: copy it, never change it."""
+    if not _VECTORS:
+        source = Path(tempfile.mkdtemp(prefix="nlref-errors-vectors-"))
+        atexit.register(shutil.rmtree, source, ignore_errors=True)
+        _write_vectors(source)
+        _VECTORS.append(source)
+    return _VECTORS[0]
+
+
 def _vectors(spoil: Callable[[Path, Path], Any] | None, run: str = "load_case") -> Any:
     """A valid golden-vector directory whose first case's file is renamed ``case.npz``,
     spoiled by ``spoil(directory, case_file)``, then read by ``load_case`` or ``check``."""
     from nlref import vectors
 
-    if not _VECTORS:  # written once per session, removed at exit
-        source = Path(tempfile.mkdtemp(prefix="nlref-errors-vectors-"))
-        atexit.register(shutil.rmtree, source, ignore_errors=True)
-        vectors.write(source, presets=["paper"], pairwise=["dot_product"])
-        _VECTORS.append(source)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "vectors"
-        shutil.copytree(_VECTORS[0], directory)
+        shutil.copytree(_vector_source(), directory)
         manifest_path = directory / "manifest.json"
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entry = manifest["cases"][0]
@@ -486,6 +496,442 @@ case("vectors-pickle-member")(
 case("vectors-check-truncated")(
     lambda: _vectors(lambda d, f: f.write_bytes(f.read_bytes()[:300]), "check")
 )
+
+
+def _write_vectors(directory: Path, **kw: Any) -> Any:
+    from nlref import vectors
+
+    return vectors.write(directory, presets=["paper"], pairwise=["dot_product"], **kw)
+
+
+def _edit_manifest(directory: Path, **changes: Any) -> None:
+    path = directory / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text("utf-8")), **changes}), "utf-8")
+
+
+case("vectors-exists")(lambda: _vectors(lambda d, f: _write_vectors(d)))
+
+
+@case("vectors-format")
+def _() -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        return _write_vectors(Path(tmp), format="tflite")
+
+
+case("vectors-storage")(lambda: _vectors(lambda d, f: _edit_manifest(d, storage="tflite"), "check"))
+
+
+@case("onnx-variant")
+def _() -> Any:
+    from nlref import pairwise
+    from nlref.interop.onnx import to_onnx
+
+    # a variant of your own (here: the dot product under another name), with no ONNX graph
+    pairwise.register(dataclasses.replace(pairwise.get("dot_product"), name="mine", order=99))
+    try:
+        cfg, params = make(pairwise="mine")
+        return to_onnx(cfg, params, (2, 4, 3))
+    finally:
+        pairwise.unregister("mine")
+
+
+# --- the family: GCNetConfig, DNLConfig, nlref.family.gcnet / dnl -------------------------
+
+
+def gcnet_config(**kw: Any) -> Any:
+    from nlref import family
+
+    kw.setdefault("in_channels", 8)
+    return family.GCNetConfig(**kw)
+
+
+def dnl_config(**kw: Any) -> Any:
+    from nlref import family
+
+    kw.setdefault("in_channels", 8)
+    return family.DNLConfig(**kw)
+
+
+case("gcnet-in-channels-type")(lambda: gcnet_config(in_channels=8.0))
+case("gcnet-in-channels-zero")(lambda: gcnet_config(in_channels=0))
+case("gcnet-pooling")(lambda: gcnet_config(pooling="max"))
+case("gcnet-fusion-str")(lambda: gcnet_config(fusion="channel_add"))
+case("gcnet-fusion-empty")(lambda: gcnet_config(fusion=()))
+case("gcnet-ln-eps")(lambda: gcnet_config(ln_eps=0.0))
+case("gcnet-ln-eps-type")(lambda: gcnet_config(ln_eps="1e-5"))
+case("dnl-temperature")(lambda: dnl_config(temperature=0))
+case("dnl-scale-temperature")(lambda: dnl_config(scale=1e300, temperature=1e-300))
+case("dnl-shared-field")(lambda: dnl_config(sub_sample=2))
+
+
+def family_block(kind: str = "gcnet", dtype: str = "float64") -> tuple[Any, Any, dict[str, Any]]:
+    """(module, cfg, params) of a small GCNet (C = 4, C′ = 2) or DNL block (C = 4)."""
+    from nlref import family
+
+    if kind == "gcnet":
+        cfg: Any = family.GCNetConfig(in_channels=4, inter_channels=2)
+    else:
+        cfg = family.DNLConfig(in_channels=4)
+    params = family.init_params(cfg, rng=0, scheme="random", dtype=dtype)
+    return getattr(family, kind), cfg, params
+
+
+def family_forward(
+    edit: Callable[[dict[str, Any]], Any] = lambda p: p, kind: str = "gcnet", **kw: Any
+) -> Any:
+    block, cfg, params = family_block(kind)
+    x = kw.pop("x", x_of((2, 4, 3)))
+    return block.forward(x, edit(params), kw.pop("cfg", cfg), **kw)
+
+
+def family_backward(dz: Any, cache_of: str = "dnl", kind: str = "dnl") -> Any:
+    block, cfg, params = family_block(cache_of)
+    _, cache = block.forward(x_of((2, 4, 3)), params, cfg)
+    return family_block(kind)[0].backward(dz, cache)
+
+
+case("family-cfg")(lambda: family_forward(cfg=config()))
+case("family-params-not-mapping")(lambda: family_forward(lambda p: list(p.values())))
+case("family-params-missing")(lambda: family_forward(lambda p: _drop(p, "mask.bias")))
+case("family-params-not-array")(
+    lambda: family_forward(lambda p: _set(p, "mask.weight", [[0.0] * 4]))
+)
+case("family-params-shape")(
+    lambda: family_forward(lambda p: _set(p, "mask.weight", np.zeros((4, 1))))
+)
+case("family-params-dtype")(
+    lambda: family_forward(lambda p: {n: v.astype(np.float32) for n, v in p.items()})
+)
+case("family-training")(lambda: family_forward(training=1))
+case("family-x-channels")(lambda: family_forward(kind="dnl", x=x_of((2, 3, 5))))
+case("family-backward-cache")(lambda: family_backward(np.ones((2, 4, 3)), kind="gcnet"))
+case("family-dz-shape")(lambda: family_backward(np.ones((2, 4))))
+
+
+@case("gcnet-avg-attention")
+def _() -> Any:
+    from nlref import family
+
+    cfg = family.GCNetConfig(in_channels=4, pooling="avg")
+    _, cache = family.gcnet.forward(x_of((2, 4, 3)), family.init_params(cfg), cfg)
+    return cache.attention
+
+
+@case("family-init-scheme")
+def _() -> Any:
+    from nlref import family
+
+    return family.init_params(gcnet_config(), scheme="xavier")
+
+
+# --- the oracle: layouts, compare, check_model -------------------------------------------
+
+
+def layout(**kw: Any) -> Any:
+    from nlref.interop import Layout
+
+    return Layout(**{"theta": "q", "phi": "k", "g": "v", "z": "out", **kw})
+
+
+case("layout-no-z")(lambda: layout(z=""))
+case("layout-kind")(lambda: layout(kind="dense"))
+case("layout-path-type")(lambda: layout(theta=3))
+case("layout-pool-order")(lambda: layout(pool_order="middle"))
+case("layout-role")(lambda: layout(pooled={"foo": "x"}))
+
+
+@case("register-layout-type")
+def _() -> Any:
+    from nlref.interop import register_layout
+
+    return register_layout("mine", {"g": "v", "z": "out"})
+
+
+@case("register-layout-builtin")
+def _() -> Any:
+    from nlref.interop import register_layout
+
+    return register_layout("mmcv", layout())
+
+
+@case("register-layout-taken")
+def _() -> Any:
+    from nlref.interop import register_layout, unregister_layout
+
+    register_layout("mine", layout())
+    try:
+        return register_layout("mine", layout(bn="out_bn"))
+    finally:
+        unregister_layout("mine")
+
+
+@case("get-layout-type")
+def _() -> Any:
+    from nlref.interop import get_layout
+
+    return get_layout(3)
+
+
+def mmcv_paths(**kw: Any) -> Any:
+    """A layout of your own with mmcv's paths, but no preset (so no mmcv conventions)."""
+    return layout(theta="theta.conv", phi="phi.conv", g="g.conv", z="conv_out.conv", **kw)
+
+
+case("custom-layout-variant")(
+    lambda: _from_state_dict(_mmcv_state_dict(), layout=mmcv_paths(bn="conv_out.bn"))
+)
+case("custom-layout-scale")(
+    lambda: _from_state_dict(
+        _mmcv_state_dict(), layout=mmcv_paths(bn="conv_out.bn"), pairwise="embedded_gaussian"
+    )
+)
+case("custom-layout-pool-order")(
+    lambda: _from_state_dict(
+        _mmcv_state_dict(),
+        layout=mmcv_paths(bn="conv_out.bn"),
+        pairwise="dot_product",
+        scale=None,
+        sub_sample=(2, 2),
+    )
+)
+case("custom-layout-pool-kernel")(
+    lambda: _from_state_dict(
+        _mmcv_state_dict(),
+        layout=mmcv_paths(bn="conv_out.bn", pool_order="after_projection"),
+        pairwise="dot_product",
+        scale=None,
+        sub_sample=True,
+    )
+)
+case("state-dict-override")(
+    lambda: _from_state_dict(
+        _mmcv_state_dict(), layout="mmcv", pairwise="embedded_gaussian", use_scale=False
+    )
+)
+case("custom-layout-linear")(
+    lambda: _from_state_dict(
+        _mmcv_state_dict(), layout=mmcv_paths(kind="linear"), pairwise="dot_product"
+    )
+)
+
+
+def _from_torch(module: Any, **kw: Any) -> Any:
+    require("torch")
+    from nlref.interop import torch as interop
+
+    return interop.from_torch(module, **kw)
+
+
+case("module-unrecognised")(lambda: _from_torch(require("torch").nn.Conv2d(4, 4, 1)))
+case("module-layout-path")(
+    lambda: _from_torch(
+        require("torch").nn.Sequential(require("torch").nn.Conv2d(4, 4, 1)),
+        layout=layout(g="value_conv", z="out_conv"),
+    )
+)
+
+
+def mmcv_block(**kw: Any) -> Any:
+    """A fresh mmcv NonLocal2d(4) (embedded Gaussian, batch norm): W_z and γ start at zero."""
+    require("torch")
+    require("mmcv")
+    from mmcv.cnn import NonLocal2d
+
+    return NonLocal2d(4, **kw)
+
+
+@case("module-norm")
+def _() -> Any:
+    return _from_torch(mmcv_block(norm_cfg={"type": "GN", "num_groups": 2}))
+
+
+def _testing() -> Any:
+    require("torch")
+    import nlref.testing
+
+    return nlref.testing
+
+
+def x_torch() -> Any:
+    return require("torch").from_numpy(x_of((2, 4, 3, 3)))
+
+
+case("compare-not-module")(lambda: _testing().compare({"theta.weight": 0}, x_torch()))
+case("compare-dtype")(lambda: _testing().compare(mmcv_block(), x_torch(), dtype="int8"))
+case("compare-tolerance")(lambda: _testing().compare(mmcv_block(), x_torch(), rtol=0))
+case("check-model-not-module")(lambda: _testing().check_model(lambda x: x, x_torch()))
+case("check-model-no-block")(
+    lambda: _testing().check_model(
+        require("torch").nn.Sequential(require("torch").nn.Conv2d(4, 4, 1)), x_torch()
+    )
+)
+case("assert-matches-vacuous")(lambda: _testing().assert_matches(mmcv_block(), x_torch()))
+
+
+# --- analysis, the explorer, nlref.viz ---------------------------------------------------
+
+
+def uniform(b: int = 1, n: int = 4, n_keys: int = 4) -> np.ndarray:
+    """A valid attention (B, N, N′): every row uniform."""
+    return np.full((b, n, n_keys), 1.0 / n_keys)
+
+
+def _explore(*args: Any, **kw: Any) -> Any:
+    from nlref import explore
+
+    return explore.explore(*args, **kw)
+
+
+case("analysis-shape")(lambda: nlref.analysis.summarise(np.ones(4)))
+case("analysis-top-k")(lambda: nlref.analysis.top_keys(uniform()[0], 0))
+case("explore-no-grid")(lambda: _explore(None, uniform()))
+case("explore-grid-mismatch")(lambda: _explore(None, uniform(n=6), spatial=(2, 2)))
+case("explore-layers-grids")(
+    lambda: _explore(None, {"a": uniform(), "b": uniform(n_keys=1)}, spatial=(2, 2))
+)
+
+
+@case("explore-no-rows")
+def _() -> Any:
+    from nlref.explore import Layer
+
+    return _explore(None, {"mean": Layer(maps={"mean": np.ones(4) / 4})}, spatial=(2, 2))
+
+
+case("explore-empty")(lambda: _explore(None, {}, spatial=(2, 2)))
+case("explore-top-k")(lambda: _explore(None, uniform(), spatial=(2, 2), top_k=0))
+case("explore-batch")(lambda: _explore(None, uniform(b=2), spatial=(2, 2), batch=2))
+
+
+@case("explore-map-shape")
+def _() -> Any:
+    from nlref.explore import Layer
+
+    return _explore(None, Layer(uniform(), maps={"prior": np.ones(3)}), spatial=(2, 2))
+
+
+case("explore-image-shape")(lambda: _explore(np.ones((1, 8, 8, 3)), uniform(), spatial=(2, 2)))
+case("explore-clip-frames")(
+    lambda: _explore(np.ones((3, 8, 8, 3)), uniform(n=8, n_keys=8), spatial=(2, 2, 2))
+)
+
+
+@case("explore-from-clip")
+def _() -> Any:
+    from nlref import explore
+
+    return explore.from_clip(np.ones((8, 8, 3)))
+
+
+case("viz-no-spatial")(lambda: _viz().attention_row(uniform(), 0))
+case("viz-kernel")(lambda: _viz().key_grid((4, 4), 4, kernel=(3, 3)))
+case("viz-clip-panel")(
+    lambda: _viz().plot_attention_clip(
+        None, uniform(n=8, n_keys=8), 0, spatial=(2, 2, 2), colour_scale="panel"
+    )
+)
+case("viz-comparison-shared")(
+    lambda: _viz().plot_pairwise_comparison(
+        None, {"gaussian": uniform(), "dot": uniform()}, 0, spatial=(2, 2), colour_scale="shared"
+    )
+)
+case("viz-query-pixels")(
+    lambda: _viz().plot_attention_2d(
+        None, uniform(), [0], spatial=(2, 2), query_pixels=[(0, 0), (5, 5)]
+    )
+)
+
+
+def _viz() -> Any:
+    import nlref.viz
+
+    return nlref.viz
+
+
+@case("viz-colour-scale")
+def _() -> Any:
+    require("matplotlib")
+    return _viz().plot_attention_2d(None, uniform(), [0], spatial=(2, 2), colour_scale="linear")
+
+
+@case("viz-dpi")
+def _() -> Any:
+    require("matplotlib")
+    with tempfile.TemporaryDirectory() as tmp:
+        return _viz().save_png(_viz().new_figure(1, 1), Path(tmp) / "map.png", dpi=0)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _cli(line: str, mmcv: bool = False) -> tuple[int, str]:
+    """``nlref LINE`` in process, in an empty working directory: (exit status, stderr).
+
+    ``PHOTO`` stands for the sample photo (matplotlib's, 600×512) and ``VECTORS`` for a
+    directory that already holds golden vectors; ``mmcv`` for a line that builds an mmcv
+    module."""
+    from nlref.cli import main
+
+    args = line.split()
+    if "PHOTO" in args:
+        require("matplotlib")
+        from nlref.demo.photo import sample_photo_path
+
+        args = [str(sample_photo_path()) if a == "PHOTO" else a for a in args]
+    if args[0] == "compare":
+        require("torch")
+    if mmcv:
+        require("mmcv")
+    err = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "VECTORS" in args:
+            shutil.copytree(_vector_source(), Path(tmp) / "vectors")
+            args = [str(Path(tmp) / "vectors") if a == "VECTORS" else a for a in args]
+        before = os.getcwd()
+        os.chdir(tmp)  # anything a command might write stays here
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                code = main(args)
+        finally:
+            os.chdir(before)
+    return code, err.getvalue()
+
+
+CLI_CASES = {
+    "cli-choice": "gradcheck --pairwise cosine",
+    "cli-gradcheck-seed": "gradcheck --seed -1",
+    "cli-gradcheck-rtol": "gradcheck --rtol 0",
+    "cli-gradcheck-atol": "gradcheck --atol -1e-9",
+    "cli-compare-channels": "compare --layout mmcv --channels 0",
+    "cli-compare-spatial": "compare --layout mmcv --spatial 0 3",
+    "cli-compare-pool": "compare --layout mmcv --spatial 1 1 --sub-sample",
+    "cli-compare-batch-norm": "compare --layout mmcv --batch 1 --spatial 1 1 --norm bn",
+    "cli-compare-rtol": "compare --layout mmcv --rtol -1",
+    "cli-compare-layout": "compare --layout keras",
+    "cli-compare-module": "compare --module mypackage.blocks:make_block",
+    "cli-compare-module-factory": "compare --module torch.nn:Linear",
+    "cli-demo-dpi": "demo --dpi 0",
+    "cli-bench-threads": "bench --threads 0",
+    "cli-bench-repeats": "bench --repeats 0",
+    "cli-attention-no-image": "attention no/such/image.png --query 5,5",
+    "cli-attention-query": "attention PHOTO --query -5,3",
+    "cli-attention-scale": "attention PHOTO --query 5,5 --scale 0",
+    "cli-attention-scale-concatenation": (
+        "attention PHOTO --query 5,5 --pairwise concatenation --scale 2"
+    ),
+    "cli-attention-size": "attention PHOTO --query 5,5 --size 2000",
+    "cli-attention-sub-sample": "attention PHOTO --query 5,5 --sub-sample 100",
+    "cli-attention-dpi": "attention PHOTO --query 5,5 --dpi 0",
+    "cli-explore-input": "explore",
+    "cli-explore-out": "explore --sample --out attention.png",
+    "cli-explore-size": "explore --sample --size 2000",
+    "cli-explore-sub-sample": "explore --clip --sub-sample 100",
+    "cli-vectors-exists": "vectors --out VECTORS",
+    "cli-vectors-check": "vectors --check no/such/dir",
+}
+CLI_BUILDS_MMCV = {"cli-compare-pool", "cli-compare-batch-norm"}  # refused after the build
+for _id, _line in CLI_CASES.items():
+    case(_id)(lambda line=_line, mmcv=_id in CLI_BUILDS_MMCV: _cli(line, mmcv=mmcv))
 
 
 # --- inputs that must work -----------------------------------------------------------------
@@ -626,7 +1072,8 @@ def _() -> None:
 class Row:
     case_id: str
     bad_input: str
-    raises: str  # an exception class name; "works"; or "reported" (in a result, not raised)
+    raises: str  # an exception class name; "works"; "reported" (in a result, not raised);
+    # or "exit 2" (a command line's usage error)
     parts: tuple[str, ...]  # verbatim pieces of the message, in order (none for "works")
 
 
@@ -687,6 +1134,13 @@ def test_documented_row(row: Row) -> None:
     run = CASES[row.case_id]
     if row.raises == "works":
         run()
+        return
+    if row.raises == "exit 2":  # a command line: exit status 2 and one line on stderr
+        code, err = run()
+        lines = err.strip().splitlines()
+        assert code == 2, f"{row.case_id}: exit {code}, not 2; stderr:\n{err}"
+        assert len(lines) == 1, f"{row.case_id}: expected one line on stderr, got:\n{err}"
+        assert_parts_in_order(lines[0], row)
         return
     if row.raises == "reported":
         message = run()
