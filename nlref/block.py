@@ -236,18 +236,19 @@ def embed_backward(
 ) -> tuple[Array, ...]:
     """Backward of :func:`embed`: from (θ̄, φ̄, ḡ), x̄ along the θ, φ and g paths (each
     (B, C, N)); the projections' gradients go into ``grads``."""
-
-    def unembed(layer: str, du: Array, cache: EmbedCache) -> Array:  # each step in reverse
-        if cache.pool_after is not None:
-            du = maxpool.backward_flat(du, cache.pool_after)
-        if cache.projected is not None:
-            du = unproject(layer, du, cache.projected, grads)
-        if cache.pool_before is not None:
-            du = maxpool.backward_flat(du, cache.pool_before)
-        return du
-
     steps = zip(("theta", "phi", "g"), grads_in, caches, strict=True)
-    return tuple(unembed(layer, du, cache) for layer, du, cache in steps)
+    return tuple(unembed(layer, du, cache, grads) for layer, du, cache in steps)
+
+
+def unembed(layer: str, du: Array, cache: EmbedCache, grads: dict[str, Array]) -> Array:
+    """One path of :func:`embed_backward`: pool, projection and pool, each in reverse."""
+    if cache.pool_after is not None:
+        du = maxpool.backward_flat(du, cache.pool_after)
+    if cache.projected is not None:
+        du = unproject(layer, du, cache.projected, grads)
+    if cache.pool_before is not None:
+        du = maxpool.backward_flat(du, cache.pool_before)
+    return du
 
 
 def attend(

@@ -41,7 +41,8 @@ from matplotlib.colors import LogNorm
 import nlref
 from nlref import analysis, viz
 from nlref.demo import figures, toy
-from nlref.demo.layers import conv2d, relu
+from nlref.demo.layers import conv2d
+from nlref.layers import relu
 
 # %% [markdown]
 # ## The task

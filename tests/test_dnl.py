@@ -190,16 +190,6 @@ def test_unary_term_is_over_the_pooled_keys(pool_order: str) -> None:
     np.testing.assert_allclose(cache.unary_attention[:, 0], u / u.sum(-1, keepdims=True))
 
 
-def test_mmseg_scale_rounds_like_mmsegmentation(torch: Any) -> None:
-    for c in range(1, 1025):  # mmsegmentation's float32 tensor arithmetic
-        root = float(torch.tensor(c, dtype=torch.float) ** torch.tensor(0.5))
-        assert dnl.mmseg_scale(c, True, 0.05)["scale"] == 1.0 / root, c
-    kwargs = dnl.mmseg_scale(256, True, 0.05)
-    assert kwargs["temperature"] == float(torch.tensor(0.05)) != 0.05
-    assert dnl.mmseg_scale(256, False, 0.05)["scale"] is None
-    assert DNLConfig(512, **kwargs).effective_scale == pytest.approx(1.25, rel=1e-7)
-
-
 def test_forward_and_backward_errors() -> None:
     cfg, params, x = _case((None, 1.0, True, None), 2)
     with pytest.raises(ValueError, match=re.escape("has 2 entries but x has 1 spatial dims")):

@@ -1,33 +1,33 @@
-"""nlref's GCNet and DNL against the real modules, in float64: forward and every gradient.
+"""nlref's GCNet and DNL against the real modules, through the oracle, in float64: forward
+and every gradient.
 
-- mmcv's ``ContextBlock`` (mmcv-lite), every pooling × fusion;
-- timm's ``GlobalContext``, every ``use_attn`` × ``fuse_add`` × ``fuse_scale``, loaded from
-  its own file when timm's package does not import (torchvision, see below);
-- mmsegmentation's ``DisentangledNonLocal2d``, the class in the installed wheel's
-  ``mmseg/models/decode_heads/dnl_head.py``, loaded without ``mmseg/__init__`` (which
-  asserts mmcv < 2.2.0; its model package needs mmcv's compiled ops).
+- mmcv's ``ContextBlock`` (mmcv-lite), every pooling × fusion (layout ``mmcv-gc``);
+- timm's ``GlobalContext``, every ``use_attn`` × ``fuse_add`` × ``fuse_scale`` (layout
+  ``timm-gc``), loaded by :func:`nlref.testing.load_timm` where timm's package does not
+  import (torchvision);
+- mmsegmentation's ``DisentangledNonLocal2d`` (layout ``dnl``), the class in the installed
+  wheel's ``mmseg/models/decode_heads/dnl_head.py``, loaded by
+  :func:`nlref.testing.load_mmseg_dnl` without ``mmseg/__init__`` (which asserts
+  mmcv < 2.2.0; its model package needs mmcv's compiled ops).
 
-The weight mapping lives here for now. The findings about the real modules (their
+The weight mapping is the layouts' (:data:`nlref.interop.LAYOUTS`): each test builds the
+real module, gives it random weights (:func:`nlref.testing.randomize`) and calls
+:func:`nlref.testing.compare`. The findings about the real modules (their
 initialisations, timm's channel rule, mmsegmentation's float32 scale, its failing
 ``sub_sample=True``, its in-place whitening) are asserted at the end.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import importlib.util
 import re
-import sys
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
-from nlref import family
-from nlref.family import DNLConfig, GCNetConfig, dnl, gcnet
+from nlref.family import DNLConfig, GCNetConfig
 
 from .conftest import REQUIRED, require
 
@@ -36,33 +36,6 @@ FUSIONS = (("channel_add",), ("channel_mul",), ("channel_add", "channel_mul"))
 
 
 # ─── The real classes ─────────────────────────────────────────────────────────────────────
-
-
-def load_from_file(module: str, stubs: Mapping[str, Callable[[], types.ModuleType]] = {}) -> Any:
-    """Import ``module`` from its installed package without running the ``__init__`` of any
-    package above it (each becomes an empty package on its real path); ``stubs`` stand in
-    for modules it imports but never uses. ``sys.modules`` is restored afterwards."""
-    top = module.split(".")[0]
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{top} is not installed")
-    root = next(iter(spec.submodule_search_locations))
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == top}
-    for k in saved:
-        del sys.modules[k]
-    try:
-        parts = module.split(".")
-        for i in range(1, len(parts)):
-            package = types.ModuleType(".".join(parts[:i]))
-            package.__path__ = ["/".join([root, *parts[1:i]])]
-            sys.modules[package.__name__] = package
-        for name, make in stubs.items():
-            sys.modules[name] = make()
-        return importlib.import_module(module)
-    finally:
-        for k in [k for k in sys.modules if k.split(".")[0] == top]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def _required(name: str, load: Callable[[], Any]) -> Any:
@@ -75,118 +48,51 @@ def _required(name: str, load: Callable[[], Any]) -> Any:
         pytest.skip(f"{name} not available: {err}")
 
 
-def mmcv_context_block() -> type:
+def nlref_testing() -> Any:
     require("torch")
+    import nlref.testing
+
+    return nlref.testing
+
+
+def mmcv_context_block() -> type:
+    nlref_testing()
     return _required("mmcv", lambda: importlib.import_module("mmcv.cnn").ContextBlock)
 
 
 def timm_global_context() -> type:
-    """timm's class; its package imports torchvision, which fails beside torch 2.13.0 (CPU),
-    so the module is loaded from its own file when the package import fails."""
-    require("torch")
-
-    def load() -> type:
-        try:
-            from timm.layers import GlobalContext
-
-            return GlobalContext
-        except Exception:  # torchvision raising on import
-            return load_from_file("timm.layers.global_context").GlobalContext
-
-    return _required("timm", load)
-
-
-@functools.cache
-def _load_mmseg_dnl() -> type:
-    def fcn_head() -> types.ModuleType:
-        stub = types.ModuleType("mmseg.models.decode_heads.fcn_head")
-        stub.FCNHead = type("FCNHead", (importlib.import_module("torch").nn.Module,), {})
-        return stub
-
-    def registry() -> types.ModuleType:
-        stub = types.ModuleType("mmseg.registry")
-        stub.MODELS = types.SimpleNamespace(register_module=lambda: lambda cls: cls)
-        return stub
-
-    stubs = {"mmseg.registry": registry, "mmseg.models.decode_heads.fcn_head": fcn_head}
-    return load_from_file("mmseg.models.decode_heads.dnl_head", stubs).DisentangledNonLocal2d
+    """timm's class, through ``load_timm`` (its package imports torchvision, which fails
+    beside torch 2.13.0, CPU)."""
+    load = nlref_testing().load_timm
+    return _required("timm", lambda: load("timm.layers.global_context").GlobalContext)
 
 
 def mmseg_dnl() -> type:
-    """mmsegmentation's ``DisentangledNonLocal2d`` from the installed wheel. The file's other
-    class, ``DNLHead``, is never built: stand-ins satisfy its imports (``FCNHead``, whose
-    module pulls in the whole model package, and the registry it registers in).
-    mmsegmentation is installed by the test extra beside mmcv, so it is required with it."""
-    require("torch")
-    return _required("mmcv" if "mmcv" in REQUIRED else "mmsegmentation", _load_mmseg_dnl)
+    """mmsegmentation's ``DisentangledNonLocal2d`` from the installed wheel (through
+    ``load_mmseg_dnl``). mmsegmentation is installed by the test extra beside mmcv, so it
+    is required with it."""
+    load = nlref_testing().load_mmseg_dnl
+    return _required("mmcv" if "mmcv" in REQUIRED else "mmsegmentation", load)
 
 
-# ─── Weights in, gradients out ────────────────────────────────────────────────────────────
+# ─── The check ────────────────────────────────────────────────────────────────────────────
 
 
-def gcnet_keys(module: Any, cfg: GCNetConfig) -> dict[str, str]:
-    """nlref name -> the module's parameter name (mmcv's ContextBlock or timm's GlobalContext)."""
-    mmcv = hasattr(module, "channel_add_conv")
-    keys = {"mask.weight": "conv_mask.weight" if mmcv else "conv_attn.weight"}
-    keys["mask.bias"] = keys["mask.weight"].replace("weight", "bias")
-    for f in cfg.fusion:
-        prefix = {"channel_add": "mlp_add", "channel_mul": "mlp_scale"}[f]
-        steps = {"fc1": "fc1", "norm": "norm", "fc2": "fc2"}
-        if mmcv:
-            prefix, steps = f"{f}_conv", {"fc1": "0", "norm": "1", "fc2": "3"}
-        for step, kind in ((s, k) for s in steps for k in ("weight", "bias")):
-            keys[f"{f}.{step}.{kind}"] = f"{prefix}.{steps[step]}.{kind}"
-    return {n: keys[n] for n in family.param_shapes(cfg)}
+def check(module: Any, x: np.ndarray, seed: int = 0, **kwargs: Any) -> Any:
+    """The oracle on a randomised copy of ``module``: everything matches to 1e-10, every
+    gradient of the config is compared, and the ones that carry no signal are exactly
+    those that are zero by construction. Returns the report."""
+    report = nlref_testing().compare(module, x, randomize=True, seed=seed, **kwargs)
+    assert report.ok, str(report)
+    compared = {r.name for r in report.rows if r.compared}
+    grads = {r.name for r in report.rows if r.stage == "backward" and r.name != "dx"}
+    from nlref import family
 
-
-def dnl_keys(cfg: DNLConfig) -> dict[str, str]:
-    """nlref name -> the parameter or buffer name in mmsegmentation's DNL."""
-    keys = {}
-    for name in family.param_shapes(cfg):
-        layer, kind = name.split(".")
-        module = {"mask": "conv_mask", "z": "conv_out.conv", "bn": "conv_out.bn"}
-        keys[name] = f"{module.get(layer, layer + '.conv')}.{kind}"
-    return keys
-
-
-def load_weights(module: Any, params: Mapping[str, np.ndarray], keys: Mapping[str, str]) -> None:
-    import torch
-
-    state = module.state_dict()
-    for name, key in keys.items():
-        state[key].copy_(torch.tensor(params[name]).reshape(state[key].shape))
-
-
-def compare(
-    module: Any,
-    keys: Mapping[str, str],
-    block: Any,
-    x: np.ndarray,
-    params: Mapping,
-    cfg: Any,
-    training: bool = True,
-) -> dict[str, float]:
-    """Run the module and nlref on x, with one random upstream gradient; the worst absolute
-    error of z, x̄ and each parameter's gradient (each also checked to carry signal)."""
-    import torch
-
-    module = module.double().train(training)
-    load_weights(module, params, keys)
-    xt = torch.tensor(x, requires_grad=True)
-    zt = module(xt)
-    dz = np.random.default_rng(3).standard_normal(tuple(zt.shape))
-    zt.backward(torch.tensor(dz))
-    z, cache = block.forward(x, dict(params), cfg, training)
-    dx, grads = block.backward(dz, cache)
-    named = dict(module.named_parameters())
-    theirs = {"z": zt.detach().numpy(), "x": xt.grad.numpy()}
-    theirs |= {n: named[keys[n]].grad.numpy().reshape(g.shape) for n, g in grads.items()}
-    ours = {"z": z, "x": dx, **grads}
-    errors = {n: float(np.abs(ours[n] - theirs[n]).max()) for n in ours}
-    assert max(errors.values()) <= TOL, errors
-    silent = {n for n, g in theirs.items() if np.abs(g).max() < 1e-8}
-    assert silent == zero_by_construction(cfg, training) & set(grads), silent  # not vacuous
-    return errors
+    assert grads == set(family.trainable_names(report.cfg)) and {"z", "dx"} <= compared
+    assert max(r.max_abs_err for r in report.rows if r.compared) <= TOL
+    silent = {r.name for r in report.rows if r.compared and r.magnitude < 1e-8}
+    assert silent == zero_by_construction(report.cfg, report.training) & grads, silent
+    return report
 
 
 def zero_by_construction(cfg: Any, training: bool) -> set[str]:
@@ -211,11 +117,12 @@ def zero_by_construction(cfg: Any, training: bool) -> set[str]:
 def test_mmcv_context_block_matches(pooling: str, fusion: tuple[str, ...]) -> None:
     module = mmcv_context_block()(12, ratio=0.3, pooling_type=pooling, fusion_types=fusion)
     assert module.planes == 3  # int(12 * 0.3): C′ = int(C · ratio), truncated
-    cfg = GCNetConfig(12, module.planes, pooling, fusion, ln_eps=1e-5)
-    params = family.init_params(cfg, rng=1, scheme="random")
     x = np.random.default_rng(2).standard_normal((2, 12, 5, 6))
-    errors = compare(module, gcnet_keys(module, cfg), gcnet, x, params, cfg)
-    assert set(errors) == {"z", "x", *params}
+    report = check(module, x)
+    assert report.layout == "mmcv-gc"
+    assert report.cfg == GCNetConfig(12, 3, pooling, fusion, ln_eps=1e-5)
+    exposed = {"context", "attention"} if pooling == "att" else {"context"}
+    assert exposed <= {r.name for r in report.rows if r.compared}  # softmax, spatial_pool
 
 
 @pytest.mark.parametrize(("fuse_add", "fuse_scale"), [(True, False), (False, True), (True, True)])
@@ -227,10 +134,11 @@ def test_timm_global_context_matches(use_attn: bool, fuse_add: bool, fuse_scale:
     fusion = (("channel_add",) if fuse_add else ()) + (("channel_mul",) if fuse_scale else ())
     rd = (module.mlp_add or module.mlp_scale).fc1.out_channels
     assert rd == 5  # make_divisible(16 · 0.3, 1, round_limit=0) = round(4.8)
-    cfg = GCNetConfig(16, rd, "att" if use_attn else "avg", fusion, ln_eps=1e-6)
-    params = family.init_params(cfg, rng=1, scheme="random")
     x = np.random.default_rng(2).standard_normal((2, 16, 4, 5))
-    compare(module, gcnet_keys(module, cfg), gcnet, x, params, cfg)
+    report = check(module, x)
+    assert report.layout == "timm-gc"
+    assert report.cfg == GCNetConfig(16, rd, "att" if use_attn else "avg", fusion, ln_eps=1e-6)
+    assert any("not exposed by GlobalContext" in n for n in report.notes)
 
 
 def test_timm_channel_rule_rounds_to_nearest_with_no_round_limit() -> None:
@@ -262,27 +170,23 @@ def test_fresh_blocks_mmcv_is_the_paper_timm_is_not() -> None:
     gc = cls(256, init_last_zero=True)  # timm's attn_layer="gc": the flag is stored, unused
     assert torch.any(gc.mlp_scale.fc2.weight) and gc.init_last_zero
     assert float(gc.conv_attn.weight.detach().std()) == pytest.approx(np.sqrt(2 / 256), rel=0.2)
+    # the fresh mmcv block, compared as it is: z matches, but every gradient upstream of
+    # the zero W₂ is identically zero, which the report calls vacuous
+    report = nlref_testing().compare(add, x.numpy())
+    assert report.ok and "channel_add.fc1.weight" in report.vacuous
 
 
 # ─── mmsegmentation's DisentangledNonLocal2d ──────────────────────────────────────────────
 
 
-def _dnl_case(use_scale: bool, temperature: float, norm: bool, exact: bool = False) -> tuple:
-    module = mmseg_dnl()(
+def _dnl(use_scale: bool, temperature: float, norm: bool, **kwargs: Any) -> Any:
+    return mmseg_dnl()(
         8, temperature=temperature, use_scale=use_scale, mode="embedded_gaussian",
-        norm_cfg=dict(type="BN") if norm else None,
+        norm_cfg=dict(type="BN") if norm else None, **kwargs,
     )  # fmt: skip
-    c_inner = module.inter_channels
-    scales = dnl.mmseg_scale(c_inner, use_scale, temperature)
-    if exact:  # the exact float64 numbers, not mmsegmentation's float32 ones
-        scales = {"scale": c_inner**-0.5 if use_scale else None, "temperature": temperature}
-    cfg = DNLConfig(
-        8, c_inner, **scales, norm="batchnorm" if norm else None,
-        biases=("theta", "phi", "g") if norm else ("theta", "phi", "g", "z"),
-    )  # fmt: skip
-    params = family.init_params(cfg, rng=1, scheme="random")
-    x = np.random.default_rng(2).standard_normal((2, 8, 4, 5))
-    return module, cfg, params, x
+
+
+X_DNL = np.random.default_rng(2).standard_normal((2, 8, 4, 5))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -290,43 +194,54 @@ def _dnl_case(use_scale: bool, temperature: float, norm: bool, exact: bool = Fal
 @pytest.mark.parametrize("temperature", [0.05, 0.5])
 @pytest.mark.parametrize("use_scale", [True, False])
 def test_mmseg_dnl_matches(use_scale: bool, temperature: float, norm: bool, training: bool) -> None:
-    module, cfg, params, x = _dnl_case(use_scale, temperature, norm)
-    errors = compare(module, dnl_keys(cfg), dnl, x, params, cfg, training)
-    assert set(errors) == {"z", "x", *family.trainable_names(cfg)}
+    from nlref.interop import mmseg_scale
+
+    report = check(_dnl(use_scale, temperature, norm), X_DNL, training=training)
+    assert report.layout == "dnl"  # recognised before mmcv's NonLocal2d, its parent class
+    assert report.cfg == DNLConfig(
+        8, 4, **mmseg_scale(4, use_scale, temperature), norm="batchnorm" if norm else None,
+        biases=("theta", "phi", "g") if norm else ("theta", "phi", "g", "z"),
+    )  # fmt: skip
+    assert {"g", "attention"} <= {r.name for r in report.rows if r.compared}
 
 
 def test_mmseg_dnl_float32_scale_is_reproduced_not_ignored() -> None:
-    """mmsegmentation's float32 √C′ and τ move z by more than the tolerance; nlref's
-    ``mmseg_scale`` reproduces them (the test above), the exact float64 values do not."""
-    module, cfg, params, x = _dnl_case(True, 0.05, False, exact=True)
-    with pytest.raises(AssertionError) as failure:
-        compare(module, dnl_keys(cfg), dnl, x, params, cfg)
-    assert "'z'" in str(failure.value)
+    """mmsegmentation's float32 √C′ and τ move z by more than the tolerance: the layout
+    reproduces them (the test above); checked with the exact float64 values instead, the
+    module fails, first at the attention it exposes, and the diagnosis names the
+    convention."""
+    report = nlref_testing().compare(
+        _dnl(True, 0.05, False), X_DNL, randomize=True, scale=4**-0.5, temperature=0.05
+    )
+    assert not report.ok and report.first_divergence == "attention"
+    assert 1e-10 < report.row("z").max_abs_err < 1e-7
+    assert report.diagnosis.startswith(
+        "diagnosis: scale: the module behaves as mmsegmentation's float32 1/√C′ and τ "
+        "(use_scale=True), nlref used the exact 1/√C′ = 0.5 and τ = 0.05 in float64"
+    )
 
 
 def test_mmseg_dnl_sub_sample_forward_fails() -> None:
     """Finding: with sub_sample=True the real forward raises. g is pooled to N′ = N/4 key
-    positions but the unary mask is not: softmax(mask) (B, 1, N) @ g (B, N′, C′)."""
+    positions but the unary mask is not: softmax(mask) (B, 1, N) @ g (B, N′, C′). The
+    oracle says so, and shows that g and the pairwise attention it did compute match."""
     import torch
 
-    module = mmseg_dnl()(8, temperature=0.05, sub_sample=True).double()
-    x = torch.tensor(np.random.default_rng(2).standard_normal((2, 8, 4, 6)))
-    with pytest.raises(
-        RuntimeError, match=re.escape("batch2 tensor to be: [2, 24] but got: [2, 6]")
-    ):
-        module(x)
+    from nlref.interop import LAYOUTS
+
+    module = _dnl(True, 0.05, False, sub_sample=True)
+    x = np.random.default_rng(2).standard_normal((2, 8, 4, 6))
+    report = nlref_testing().compare(module, x, randomize=True)
+    assert report.module_error_stage == "forward" and not report.ok
+    assert "batch2 tensor to be: [2, 24] but got: [2, 6]" in report.module_error
+    assert report.row("g").ok and report.row("attention").ok
+    assert report.cfg.sub_sample == (2, 2)
     # nlref's definition: the unary term over the pooled keys, the mask pooled like φ and g.
     # The real module with that one change (its conv_mask followed by the same max-pool)
-    # runs, and matches nlref.
+    # runs, and matches nlref; the layout with the mask's new path describes it.
     module.conv_mask = torch.nn.Sequential(module.conv_mask, torch.nn.MaxPool2d(2))
-    cfg = DNLConfig(8, 4, **dnl.mmseg_scale(4, True, 0.05), sub_sample=(2, 2), norm=None)
-    params = family.init_params(cfg, rng=1, scheme="random")
-    pooled = {"phi.conv.": "phi.0.conv.", "g.conv.": "g.0.conv.", "conv_mask.": "conv_mask.0."}
-    keys = {}
-    for name, key in dnl_keys(cfg).items():  # phi, g and conv_mask are (conv, max-pool) now
-        prefix = next((p for p in pooled if key.startswith(p)), None)
-        keys[name] = key if prefix is None else pooled[prefix] + key[len(prefix) :]
-    compare(module, keys, dnl, x.numpy(), params, cfg)
+    pooled = dict(LAYOUTS["dnl"].pooled) | {"mask": "conv_mask.0"}
+    check(module, x, layout=LAYOUTS["dnl"].replace(pooled=pooled))
 
 
 @pytest.mark.parametrize("use_scale", [True, False])
@@ -336,21 +251,19 @@ def test_mmseg_dnl_inplace_whitening_keeps_backward_correct(use_scale: bool) -> 
     raises nor goes wrong in float64 on the CPU: no tensor that autograd saved is
     overwritten (a 1×1 conv saves its input, not its output; the mean saves nothing), so
     every gradient equals nlref's hand-derived one."""
-
-    module, cfg, params, x = _dnl_case(use_scale, 0.05, True)
-    outputs = []
+    module = _dnl(use_scale, 0.05, True)
+    outputs: list[Any] = []
     module.theta.register_forward_hook(lambda m, args, out: outputs.append(out))
     module.phi.register_forward_hook(lambda m, args, out: outputs.append(out))
-    errors = compare(module, dnl_keys(cfg), dnl, x, params, cfg)  # backward ran, and agrees
+    report = check(module, X_DNL)  # the oracle's copy keeps the hooks; backward ran, agrees
     assert [(t.requires_grad, t._version) for t in outputs] == [(True, 1), (True, 1)]
-    grads = {n: e for n, e in errors.items() if n not in ("z", "x")}
-    assert len(grads) == len(family.trainable_names(cfg)) and max(grads.values()) <= TOL
+    assert report.module_error is None and len(report.cfg.biases) == 3
 
 
 def test_mmseg_dnl_gaussian_mode_whitens_the_callers_input_in_place() -> None:
     """Finding, about a mode nlref's DNL does not model (it is the embedded Gaussian): with
     mode="gaussian", θ and φ are views of x, so the in-place mean subtraction changes the
-    caller's x, and fails when x requires a gradient."""
+    caller's x, and fails when x requires a gradient. The layout refuses the mode."""
     import torch
 
     module = mmseg_dnl()(8, temperature=0.05, mode="gaussian").double()
@@ -361,3 +274,10 @@ def test_mmseg_dnl_gaussian_mode_whitens_the_callers_input_in_place() -> None:
     np.testing.assert_allclose(x.flatten(2).mean(-1).numpy(), 0, atol=1e-15)  # whitened
     with pytest.raises(RuntimeError, match="a view of a leaf Variable that requires grad"):
         module(before.requires_grad_())
+    x = before.detach().numpy()
+    with pytest.raises(ValueError, match=re.escape("mode='gaussian': nlref's disentangled")):
+        nlref_testing().compare(module, x, layout="dnl")
+    # without θ it is not recognised as a DNL; as its parent, mmcv's NonLocal2d, it has
+    # the unary projection too many
+    with pytest.raises(ValueError, match=re.escape("unexpected ['conv_mask.bias'")):
+        nlref_testing().compare(module, x)

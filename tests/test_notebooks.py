@@ -24,6 +24,7 @@ from .conftest import require
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ["01_forward", "02_backward", "03_attention_maps", "04_toy_task", "05_oracle"]
+EXPECTED += ["06_family"]
 
 
 def _sync():

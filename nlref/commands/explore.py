@@ -9,9 +9,14 @@ browser::
     nlref explore --sample --size 64 --sub-sample 2          # matplotlib's sample photo
     nlref explore --clip                                     # the demo's synthetic clip
     nlref explore frames.npy --pairwise gaussian             # a clip (T, H, W, 3) of your own
+    nlref explore --sample --family gcnet                    # GCNet's one map, beside the EG
+    nlref explore --sample --family dnl                      # DNL's two terms, beside the EG
 
 As ``nlref attention``, the image is averaged down to a grid of at most ``--size`` cells a
-side and described by colour + position features, with hand-set weights. Before any work
+side and described by colour + position features, with hand-set weights. ``--family gcnet``
+or ``dnl`` shows the Non-local block's successors side by side with the plain embedded
+Gaussian (:func:`nlref.explore.from_family`): GCNet's single map, DNL's whitened pairwise
+rows and its unary map. Before any work
 the command estimates time, memory and the page's size, and refuses (exit 2, saying what to
 change) above 10¹⁰ query–key pairs or a page of more than 64 MiB, unless ``--force``.
 A progress bar on stderr follows the work (quiet when stderr is not a terminal, or with
@@ -38,11 +43,14 @@ from .attention import (
     resolve_pairwise,
 )
 
-__all__ = ["MAX_PAGE_BYTES", "add_parser"]
+__all__ = ["FAMILY_ATTENTION_BYTES", "MAX_PAGE_BYTES", "add_parser"]
 
 #: The largest page ``nlref explore`` writes without ``--force`` (an upper bound of its
 #: size, before compression): browsers slow down on larger ones.
 MAX_PAGE_BYTES = 64 * 2**20
+#: The largest pairwise attention ``--family dnl`` holds without ``--force``: the
+#: disentangled block materialises it (the engine tiles only the Non-local block).
+FAMILY_ATTENTION_BYTES = 512 * 2**20
 
 
 def _source(args: argparse.Namespace) -> tuple[str, tuple[int, ...]]:
@@ -80,9 +88,17 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
     from .. import explore
     from ..demo import photo
 
+    if args.family and args.pairwise:
+        raise CLIError("--family shows its own blocks beside the embedded Gaussian: leave out "
+                       "--pairwise")  # fmt: skip
     pairwise, scale_note = resolve_pairwise(args.pairwise or ["all"], args.scale)
     alpha = DEFAULT_SCALE if args.scale is None else args.scale
+    if args.family:  # the embedded Gaussian, and DNL's pairwise term: two N x N' attentions
+        pairwise = ["embedded_gaussian"] * (2 if args.family == "dnl" else 1)
+        scale_note = f"scale α = {alpha:g}"
     kind, pixels = _source(args)
+    if args.family and kind.endswith("clip"):
+        raise CLIError("--family shows an image, not a clip")
     clip = kind.endswith("clip")
     k = args.sub_sample
     height, width = pixels[-2:]
@@ -104,6 +120,14 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         return est, explore.estimate_bytes(math.prod(q), math.prod(kk), len(pairwise))
 
     est, page = cost(args.size)
+    if args.family == "dnl" and est.n * est.n_keys * 8 > FAMILY_ATTENTION_BYTES:
+        if not args.force:
+            raise CLIError(
+                f"--family dnl holds its whole pairwise attention ({est.n}x{est.n_keys}, "
+                f"{est.n * est.n_keys * 8 / 2**20:.0f} MiB), above "
+                f"{FAMILY_ATTENTION_BYTES // 2**20} MiB; use a smaller --size, "
+                "--sub-sample 2 or more, or --force"
+            )
     name = "the synthetic clip" if kind == "clip" else args.image
     print(
         f"{name}: {'x'.join(map(str, pixels))} pixels -> query grid "
@@ -137,7 +161,10 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
     )
     start = time.perf_counter()
     try:
-        if kind == "clip":
+        if args.family:
+            family_options = {k: v for k, v in options.items() if k != "pairwise"}
+            page_obj = explore.from_family(args.image, args.family, **family_options)
+        elif kind == "clip":
             page_obj = explore.from_clip(None, **options)
         elif kind == "npy-clip":
             page_obj = explore.from_clip(np.load(args.image, allow_pickle=False), **options)
@@ -152,7 +179,10 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         written = page_obj.save(args.out)
     except OSError as err:
         raise CLIError(f"cannot write {args.out}: {err}") from err
-    dependence = ", ".join(f"{n} {v:.3f}" for n, v in page_obj.query_dependence.items())
+    dependence = ", ".join(
+        f"{n} {v:.3f}" if math.isfinite(v) else f"{n} 0 (one map for every query)"
+        for n, v in page_obj.query_dependence.items()
+    )
     print(
         f"built in {time.perf_counter() - start:.1f} s; query dependence (mean Jensen-Shannon "
         f"distance of the rows to the mean row, 0 = query-independent): {dependence}",
@@ -185,6 +215,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sample", action="store_true", help="use matplotlib's sample photo")
     p.add_argument("--clip", action="store_true", help="use the demo's synthetic clip")
     p.add_argument(
+        "--family",
+        choices=("gcnet", "dnl"),
+        help="show GCNet's single map, or DNL's pairwise and unary terms, side by side with "
+        "the embedded Gaussian (instead of --pairwise)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="PATH.html",
@@ -199,6 +235,6 @@ def add_parser(sub: Any) -> None:
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.out is None:
         stem = "clip" if args.clip else "sample" if args.sample else Path(args.image or "x").stem
-        args.out = f"{stem}_explorer.html"
+        args.out = f"{stem}_{args.family + '_' if args.family else ''}explorer.html"
     check_common(args, ".html")
     return _cmd_explore(args, out)

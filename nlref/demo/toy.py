@@ -53,12 +53,12 @@ import numpy as np
 from .. import block as nl_block
 from .._backend import Array, namespace, to_numpy
 from ..config import NonLocalConfig
-from ..layers import projection
+from ..layers import global_pool, projection, relu
 from ..params import BUFFERS
 from ..params import init_params as init_block_params
 from ..progress import progress
 from . import optim
-from .layers import conv2d, cross_entropy, global_pool, linear, relu
+from .layers import conv2d, cross_entropy, linear
 
 __all__ = [
     "KINDS",

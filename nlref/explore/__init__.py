@@ -18,13 +18,17 @@ Build one from
 - an image file or array with the demo's colour + position features: :func:`from_image`
   (``nlref explore IMAGE``), or a clip: :func:`from_clip`;
 - a PyTorch Non-local module inside a real model: :func:`capture` its input during the
-  model's forward, then :func:`from_torch`.
+  model's forward, then :func:`from_torch`;
+- the Non-local block's successors on an image, side by side with the embedded Gaussian:
+  :func:`from_family` (``nlref explore --family gcnet|dnl``): GCNet's single map, DNL's
+  whitened pairwise rows and its unary map.
 
 What the page holds
 -------------------
-A set of named **layers** (here: one per pairwise function), each with one attention row
-per query and, optionally, query-independent maps over the keys (by default the mean row
-and the attention each key receives). Rows are stored in 8 bits a key: row i is kept as
+A set of named **layers** (one per pairwise function, or per term of a family block), each
+with one attention row per query and, optionally, query-independent maps over the keys (by
+default the mean row and the attention each key receives); a layer may also hold maps
+only (GCNet's one map, DNL's unary term). Rows are stored in 8 bits a key: row i is kept as
 its minimum lo, its maximum hi and :math:`q_{ij} = \operatorname{round}(255 \sqrt{t_{ij}})`
 with :math:`t_{ij} = (A_{ij} - lo)/(hi - lo)`, read back as
 :math:`lo + (q_{ij}/255)^2 (hi - lo)`: the error is at most :math:`(hi - lo)/255`, and
@@ -35,9 +39,11 @@ precision.
 
 The page exposes its data to scripts as ``window.nlref``: ``grid`` (the query and key grid
 shapes), ``variants`` (the layer names), ``row(variant, y, x)`` (``row(variant, t, y, x)``
-for a clip: the row the page draws, N′ numbers, key grid row-major), ``select(coords,
-variant)``, ``selected``, and ``ready``, a promise that resolves once the data are decoded
-and drawn.
+for a clip: the row the page draws, N′ numbers, key grid row-major), ``map(variant,
+name)`` (a query-independent map, N′ numbers), ``maps(variant)`` (its names),
+``panels`` (the layers drawn side by side, or null), ``select(coords, variant)``,
+``selected``, and ``ready``, a promise that resolves once the data are decoded and
+drawn.
 """
 
 from __future__ import annotations
@@ -67,8 +73,10 @@ __all__ = [
     "estimate_bytes",
     "explore",
     "from_clip",
+    "from_family",
     "from_image",
     "from_torch",
+    "image_features",
 ]
 
 #: The longer side, in pixels, of the picture stored in the page (larger images are
@@ -401,6 +409,7 @@ def explore(
     title: str | None = None,
     top_k: int = 5,
     progress: bool | None = False,
+    side_by_side: bool = False,
 ) -> Explorer:
     """An explorer of ``attention`` over ``image``.
 
@@ -426,6 +435,10 @@ def explore(
         How many of the largest keys the side panel lists.
     progress : bool or None
         A progress bar on stderr (None: when stderr is a terminal).
+    side_by_side : bool
+        Draw every layer at once, one panel each, on one colour scale (an image, not a
+        clip): the selected query's row in each layer with rows, the query-independent
+        map of each layer without.
 
     Returns
     -------
@@ -490,6 +503,7 @@ def explore(
         "topK": top_k,
         "quantisation": QUANTISATION,
         "variants": entries,
+        "sideBySide": bool(side_by_side) and len(q_grid) == 2,
     }
     height = 760 if len(q_grid) == 2 else 640
     return Explorer(_page(data, title), dependence, height)
@@ -566,13 +580,7 @@ def from_image(
     position_weight : float
         Weight of the position features against colour.
     """
-    from ..demo import photo
-
-    if isinstance(image, (str, Path)):
-        image = photo.load_image(image)
-    image = np.asarray(to_numpy(image), dtype=np.float64)
-    small, factor = photo.downsample(photo.as_rgb(image), size)
-    feats = photo.pixel_features(small, position_weight=position_weight)
+    image, feats, factor = image_features(image, size, position_weight)
     h, w = feats.spatial
     kernel = None if sub_sample == 1 else (sub_sample, sub_sample)
     pooled = f", keys pooled {sub_sample}×{sub_sample}" if kernel else ""
@@ -585,6 +593,21 @@ def from_image(
         title=title or f"attention on colour + position features ({h}×{w} grid{pooled})",
         progress=progress,
     )
+
+
+def image_features(
+    image: Array | str | Path, size: int, position_weight: float
+) -> tuple[np.ndarray, Any, int]:
+    """An image (array or file) as float64, its colour + position features on a grid of at
+    most ``size`` cells a side (:func:`nlref.demo.photo.pixel_features`), and the
+    downsampling factor (pixels per cell)."""
+    from ..demo import photo
+
+    if isinstance(image, (str, Path)):
+        image = photo.load_image(image)
+    image = np.asarray(to_numpy(image), dtype=np.float64)
+    small, factor = photo.downsample(photo.as_rgb(image), size)
+    return image, photo.pixel_features(small, position_weight=position_weight), factor
 
 
 def _explore_features(
@@ -711,3 +734,6 @@ def from_torch(
         title=title or f"{type(module).__name__}: {cfg.pairwise} attention",
         progress=progress,
     )
+
+
+from .family import from_family  # noqa: E402  (it builds on the functions above)

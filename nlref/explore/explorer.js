@@ -75,6 +75,8 @@
   for (const v of variants) for (const m of Object.keys(v.maps)) {
     if (!viewNames.includes(m)) viewNames.push(m);
   }
+  // side by side: one panel per layer (an image only), all on one colour scale
+  const PANELS = !CLIP && DATA.sideBySide ? variants.map((_, k) => k) : null;
 
   // ------------------------------------------------------------------ the data API
   function variantIndex(variant) {
@@ -120,9 +122,10 @@
   }
 
   // ------------------------------------------------------------------ state and layout
-  const state = { variant: 0, query: Math.floor(NQ / 2), view: "query", scale: "linear",
-    smooth: !DATA.pixelated, pinned: false };
-  const values = new Float64Array(NK);
+  // side by side, the maps differ in spread: a log scale shows the spread-out ones too
+  const state = { variant: 0, query: Math.floor(NQ / 2), view: "query",
+    scale: PANELS ? "log" : "linear", smooth: !DATA.pixelated, pinned: false };
+  const buffers = variants.map(() => new Float64Array(NK)); // one decoded row per layer
   const frames = [];
   const images = DATA.frames.map((src) => {
     const img = new Image();
@@ -156,28 +159,32 @@
     // one image: as large as fits beside the panel (at most 640 px wide); a clip: a row of
     // small frames
     const room = Math.max(240, Math.min(window.innerHeight - 190, 640));
-    const width = CLIP
+    let width = CLIP
       ? Math.min(240, Math.max(120, 720 / Math.min(T, 4)))
       : Math.min(640, (room * IMG_W) / IMG_H);
+    if (PANELS) width = Math.min(width, Math.max(200, 960 / PANELS.length - 10));
     const scale = width / IMG_W;
-    const perRow = CLIP ? Math.min(T, 4) : 1;
+    const perRow = CLIP ? Math.min(T, 4) : PANELS ? PANELS.length : 1;
     document.getElementById("view").style.width = `${Math.max(320, perRow * (width + 10))}px`;
     const dpr = window.devicePixelRatio || 1;
-    for (let t = 0; t < T; t++) {
+    const count = PANELS ? PANELS.length : T;
+    for (let t = 0; t < count; t++) {
       const fig = el("figure");
       const canvas = el("canvas");
       canvas.style.width = `${Math.round(IMG_W * scale)}px`;
       canvas.style.height = `${Math.round(IMG_H * scale)}px`;
       canvas.width = Math.round(IMG_W * scale * dpr);
       canvas.height = Math.round(IMG_H * scale * dpr);
-      canvas.dataset.frame = String(t);
-      canvas.addEventListener("pointermove", (e) => onPointer(e, t, false));
-      canvas.addEventListener("pointerdown", (e) => onPointer(e, t, true));
+      const frame = PANELS ? 0 : t;
+      canvas.dataset.frame = String(frame);
+      if (PANELS) canvas.dataset.panel = variants[PANELS[t]].name;
+      canvas.addEventListener("pointermove", (e) => onPointer(e, frame, false));
+      canvas.addEventListener("pointerdown", (e) => onPointer(e, frame, true));
       fig.appendChild(canvas);
       const caption = el("figcaption", CLIP ? `frame ${t}` : "");
       fig.appendChild(caption);
       box.appendChild(fig);
-      frames.push({ canvas, caption });
+      frames.push({ canvas, caption, frame, panel: PANELS ? PANELS[t] : null });
     }
     const addButtons = (id, items, key, labels) => {
       const group = document.getElementById(id);
@@ -235,14 +242,20 @@
   }
 
   // ------------------------------------------------------------------ drawing
-  function currentMap() {
-    const v = variants[state.variant];
-    if (state.view === "query") {
-      if (!v.rows) return null;
-      return { values: rowValues(state.variant, state.query, values), label: "attention of this query" };
+  // The map a layer shows: the selected query's row ("this query"), or the chosen
+  // query-independent map; a layer without rows shows its first map in the query view.
+  function mapOf(vi) {
+    const v = variants[vi];
+    const chosen = v.maps[state.view];
+    if (state.view !== "query" && chosen) return { values: chosen.values, label: chosen.description };
+    if (state.view === "query" && v.rows) {
+      return { values: rowValues(vi, state.query, buffers[vi]), label: "attention of this query" };
     }
-    const m = v.maps[state.view];
-    return m ? { values: m.values, label: m.description } : null;
+    const own = Object.keys(v.maps)[0];
+    if (state.view === "query" && !v.rows && own) {
+      return { values: v.maps[own].values, label: v.maps[own].description };
+    }
+    return null;
   }
 
   // The colour scale of a map: linear from min(0, its minimum) (signed maps, the dot
@@ -287,10 +300,13 @@
     return off;
   }
 
-  function drawFrames(map, norm) {
+  function drawFrames(maps, norms) {
     const cell = unflat(state.query, Q);
     const qt = CLIP ? cell[0] : 0;
-    frames.forEach(({ canvas, caption }, t) => {
+    frames.forEach(({ canvas, caption, frame, panel }) => {
+      const t = frame;
+      const map = maps[panel === null ? 0 : panel];
+      const norm = norms[panel === null ? 0 : panel];
       const ctx = canvas.getContext("2d");
       ctx.imageSmoothingEnabled = !DATA.pixelated;
       ctx.clearRect(0, 0, canvas.width, canvas.height);
@@ -320,6 +336,11 @@
         ctx.stroke();
       }
       if (CLIP) caption.textContent = t === qt ? `frame ${t} (the query's)` : `frame ${t}`;
+      if (panel !== null) {
+        const top = map ? ` (max ${fmt(norm.hi)})` : "";
+        caption.textContent = `${variants[panel].name}: ${map ? map.label : "no map"}${top}`;
+        caption.classList.toggle("current", panel === state.variant);
+      }
     });
   }
 
@@ -367,7 +388,8 @@
     add("h2", `${v.name}`);
     add("p", v.label, "note");
     if (!v.rows) {
-      add("p", "This block's attention does not depend on the query: see its maps above.", "note");
+      add("p", "This layer's attention does not depend on the query: the same map for every " +
+        "query, drawn above.", "note");
       return;
     }
     const ent = v.entropy[state.query];
@@ -401,10 +423,16 @@
   }
 
   function render() {
-    const map = currentMap();
-    const norm = normaliser(map ? map.values : [0, 1]);
-    drawFrames(map, norm);
-    drawColourbar(norm, map ? map.label : "no map");
+    // side by side, each panel on its own scale (its maximum in its caption): a
+    // query-independent map then looks the same for every query
+    const maps = PANELS ? variants.map((_, k) => mapOf(k)) : [mapOf(state.variant)];
+    const norms = maps.map((m) => normaliser(m ? m.values : [0, 1]));
+    drawFrames(maps, norms);
+    const current = PANELS ? state.variant : 0;
+    const label = PANELS
+      ? `each panel on its own scale (its maximum in its caption); the bar is ${variants[current].name}'s`
+      : maps[0] ? maps[0].label : "no map";
+    drawColourbar(norms[current], label);
     drawPanel();
     const pressed = (id, val) => document.querySelectorAll(`#${id} button`).forEach((b) => {
       b.setAttribute("aria-pressed", String(b.dataset.value === String(val)));
@@ -440,6 +468,20 @@
       if (!variants[vi].rows) throw new Error(`${variants[vi].name} has no per-query rows`);
       return Array.from(rowValues(vi, flatQuery(coords), new Float64Array(NK)));
     },
+    /** A layer's query-independent map (N′ numbers, key grid row-major), stored exactly. */
+    map(variant, name) {
+      const v = variants[variantIndex(variant)];
+      if (!(name in v.maps)) {
+        throw new Error(`${v.name} has no map ${name}; its maps: ${Object.keys(v.maps).join(", ")}`);
+      }
+      return Array.from(v.maps[name].values);
+    },
+    /** The names of a layer's query-independent maps. */
+    maps(variant) {
+      return Object.keys(variants[variantIndex(variant)].maps);
+    },
+    /** The layers drawn side by side, in order, or null. */
+    panels: PANELS ? PANELS.map((k) => variants[k].name) : null,
     /** Select a query cell (and optionally a variant), as the pointer does. */
     select(coords, variant) {
       state.query = flatQuery(coords);

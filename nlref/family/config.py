@@ -78,6 +78,10 @@ class GCNetConfig:
         object.__setattr__(self, "fusion", tuple(f for f in FUSIONS if f in self.fusion))
         object.__setattr__(self, "ln_eps", _positive_float("ln_eps", self.ln_eps))
 
+    def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict; ``GCNetConfig(**d)`` rebuilds the config."""
+        return _json_fields(self)
+
 
 @dataclass(frozen=True)
 class DNLConfig:
@@ -94,7 +98,7 @@ class DNLConfig:
         projection (``mask``) always has a bias, as in mmsegmentation.
     scale : float, optional
         α, a factor on the whitened logits; ``None`` means 1. mmsegmentation's
-        ``use_scale=True`` is 1/√C′ rounded to float32 (:func:`nlref.family.dnl.mmseg_scale`).
+        ``use_scale=True`` is 1/√C′ rounded to float32 (:func:`nlref.interop.mmseg_scale`).
     temperature : float
         τ, dividing the whitened logits: A = softmax_j(α (θᵢ − μ_θ)ᵀ(φⱼ − μ_φ) / τ). Default 1;
         mmsegmentation's ``DNLHead`` uses 0.05.
@@ -136,6 +140,20 @@ class DNLConfig:
     def effective_scale(self) -> float:
         """The factor on the whitened logits, α / τ (α = 1 when ``scale`` is None)."""
         return (1.0 if self.scale is None else self.scale) / self.temperature
+
+    def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict; ``DNLConfig(**d)`` rebuilds the config."""
+        return _json_fields(self)
+
+
+def _json_fields(cfg: object) -> dict[str, object]:
+    """The init fields of a config dataclass, tuples as lists."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        if f.init:
+            value = getattr(cfg, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 _SHARED_FIELDS = (

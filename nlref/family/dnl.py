@@ -54,8 +54,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .._backend import Array
 from ..block import (
     EmbedCache,
@@ -65,6 +63,7 @@ from ..block import (
     normalise,
     normalise_backward,
     project,
+    unembed,
     unproject,
 )
 from ..checks import check_dz
@@ -78,7 +77,7 @@ from ..pairwise import get as get_pairwise
 from .config import DNLConfig
 from .params import check_cache, check_forward, in_param_order
 
-__all__ = ["DNLCache", "backward", "forward", "mmseg_scale"]
+__all__ = ["DNLCache", "backward", "forward"]
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ def backward(dz: Array, cache: DNLCache) -> tuple[Array, dict[str, Array]]:
     dy = unproject("z", dh, cache.project_out, grads)  # h = W_z y + b_z
     # 4. y = y_pair + y_unary, y_unary the same for every query i
     dm, dg_unary = attention_pool.backward(xp.sum(dy, axis=-1, keepdims=True), cache.unary)
-    dx_mask = unary_logits_backward(dm, cache.mask, grads)
+    dx_mask = unembed("mask", dm, cache.mask, grads)  # through the pool and w_m
     # 3. y_pair = g Aᵀ, A = softmax(α/τ θ̂ᵀφ̂)
     dattention, dg_pair = aggregate.backward(dy, cache.aggregate)
     pair = get_pairwise("embedded_gaussian").backward(dattention, cache.attend)
@@ -204,30 +203,3 @@ def unary_logits(
         return m, EmbedCache(projected=mask_cache)
     m, pool_cache = maxpool.forward_flat(m, kernel, spatial)  # P(w_mᵀ x + b_m)
     return m, EmbedCache(projected=mask_cache, pool_after=pool_cache)
-
-
-def unary_logits_backward(dm: Array, cache: EmbedCache, grads: dict[str, Array]) -> Array:
-    """Backward of :func:`unary_logits`: x̄ along the mask path; w̄_m, b̄_m into ``grads``."""
-    if cache.pool_after is not None:
-        dm = maxpool.backward_flat(dm, cache.pool_after)
-    dx = unproject("mask", dm, cache.projected, grads)
-    return dx if cache.pool_before is None else maxpool.backward_flat(dx, cache.pool_before)
-
-
-def mmseg_scale(inter_channels: int, use_scale: bool, temperature: float) -> dict[str, Any]:
-    """The ``scale`` and ``temperature`` of a :class:`DNLConfig` that reproduce
-    mmsegmentation's ``DisentangledNonLocal2d`` exactly, as keyword arguments.
-
-    mmsegmentation divides the logits by ``torch.tensor(C′, dtype=torch.float) ** 0.5``
-    (``use_scale``) and by ``torch.tensor(temperature)``: float32 numbers, even in a float64
-    module. Its factor is therefore 1 / (fl₃₂(√C′) · fl₃₂(τ)), not 1 / (√C′ τ); the two
-    differ by about 1e-8 relative, which moves z by about 1e-9. This returns
-    ``scale = 1 / fl₃₂(√C′)`` (None without ``use_scale``) and ``temperature = fl₃₂(τ)``.
-    fl₃₂(√C′) is the correctly rounded float32 square root, which equals PyTorch's float32
-    power on the CPU for every C′ < 3678.
-    """
-    root = np.sqrt(np.float32(inter_channels))  # float32 in, float32 out, correctly rounded
-    return {
-        "scale": 1.0 / float(root) if use_scale else None,
-        "temperature": float(np.float32(temperature)),
-    }

@@ -58,8 +58,7 @@ from dataclasses import dataclass, field
 from .._backend import Array
 from ..block import project, unproject
 from ..checks import check_dz
-from ..demo.layers import global_pool, relu
-from ..layers import attention_pool, gate, layernorm
+from ..layers import attention_pool, gate, global_pool, layernorm, relu
 from ..layers.attention_pool import AttentionPoolCache
 from ..layers.gate import GateCache
 from ..layers.layernorm import LayerNormCache

@@ -1,22 +1,29 @@
-r"""Where a module keeps each part of a Non-local block: :class:`Layout`, and the table of them.
+r"""Where a module keeps each part of a block: :class:`Layout`, and the table of them.
 
-A :class:`Layout` names, as dotted paths of sub-modules, the layers of a block: the
-projections θ, φ and g, the output projection W_z, the batch norm after it, the
-concatenation weight, and the key-side max-pool. It also says whether the projections are
-1×1(×1) convs or ``nn.Linear`` layers on channels-last tokens, and which attributes of the
-module tell what the weights cannot (the variant, the logit scale). Everything that reads
-or writes a PyTorch block (:func:`nlref.interop.torch.from_torch`, ``from_state_dict``,
-``to_state_dict``, :func:`nlref.testing.compare`, ``check_model``, ``nlref compare``)
-works from a layout, given by its registered name or as a ``Layout`` value.
+A :class:`Layout` names, as dotted paths of sub-modules, the layers of a block. For a
+Non-local block these are the projections θ, φ and g, the output projection W_z, the
+batch norm after it, the concatenation weight, and the key-side max-pool; it also says
+whether the projections are 1×1(×1) convs or ``nn.Linear`` layers on channels-last tokens,
+and which attributes of the module tell what the weights cannot (the variant, the logit
+scale). The Non-local block's successors (:mod:`nlref.family`) are layouts too: their
+layers are named by nlref's parameter prefixes (``layers=``), and ``family=`` says which
+block they are. Everything that reads or writes a PyTorch block
+(:func:`nlref.interop.torch.from_torch`, ``from_state_dict``, ``to_state_dict``,
+:func:`nlref.testing.compare`, ``check_model``, ``nlref compare``) works from a layout,
+given by its registered name or as a ``Layout`` value.
 
-The four public implementations are the rows of :data:`LAYOUTS`; :func:`register_layout`
-adds one. This module does not import torch.
+The public implementations are the rows of :data:`LAYOUTS`: four Non-local blocks (mmcv,
+timm, pytorchvideo, AlexHex7), GCNet's global context block in mmcv (``mmcv-gc``) and timm
+(``timm-gc``), and mmsegmentation's disentangled non-local block (``dnl``);
+:func:`register_layout` adds one. This module does not import torch.
 
 >>> from nlref.interop.layouts import LAYOUTS, Layout
 >>> tuple(LAYOUTS)
-('mmcv', 'timm', 'pytorchvideo', 'alexhex7')
+('mmcv', 'timm', 'pytorchvideo', 'alexhex7', 'mmcv-gc', 'timm-gc', 'dnl')
 >>> LAYOUTS["timm"].paths(pooled=False, norm=True)["theta"]
 't'
+>>> LAYOUTS["mmcv-gc"].paths(pooled=False, norm=True)["channel_add.fc2"]
+'channel_add_conv.3'
 >>> mine = Layout(theta="query_conv", phi="key_conv", g="value_conv", z="out_conv",
 ...               bn="out_bn")
 >>> mine.name
@@ -30,15 +37,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..config import POOL_ORDERS
 
 __all__ = [
+    "FAMILIES",
     "KINDS",
     "LAYOUTS",
     "ROLES",
     "Layout",
     "get_layout",
     "layout_names",
+    "mmseg_scale",
     "register_layout",
     "unregister_layout",
 ]
@@ -50,26 +61,33 @@ ROLES = ("theta", "phi", "g", "concat", "z", "bn", "pool", "values")
 KINDS = ("conv", "linear")
 #: The layer of each nlref parameter prefix (``"theta.weight"`` lives in the θ layer).
 PARAM_ROLES = ("theta", "phi", "g", "concat", "z", "bn")
+#: The block families a layout can describe: the Non-local block, GCNet's global context
+#: block and the disentangled non-local block (:mod:`nlref.family`).
+FAMILIES = ("nonlocal", "gcnet", "dnl")
 
 
-def _pairs(value: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> tuple:
+def _pairs(
+    value: Mapping[str, str] | Iterable[tuple[str, str]] | None, known: tuple[str, ...] = ROLES
+) -> tuple:
     items = dict(value or {})
-    unknown = sorted(set(items) - set(ROLES))
+    unknown = sorted(set(items) - set(known))
     if unknown:
-        raise ValueError(f"unknown layout role(s) {unknown}; the roles are {ROLES}")
+        raise ValueError(f"unknown layout role(s) {unknown}; the roles are {known}")
     return tuple(sorted(items.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """Where a PyTorch module keeps each part of a Non-local block.
+    """Where a PyTorch module keeps each part of a Non-local block (or of a block of its
+    family).
 
     Parameters
     ----------
     theta, phi, g, z : str
         Dotted paths of the sub-modules holding the projections W_θ, W_φ, W_g and W_z
-        (each with a ``weight`` and optionally a ``bias``). ``g`` and ``z`` are required;
-        θ and φ are absent in the Gaussian variant, which compares x itself.
+        (each with a ``weight`` and optionally a ``bias``). ``g`` and ``z`` are required
+        for a Non-local block; θ and φ are absent in the Gaussian variant, which compares
+        x itself.
     bn : str, optional
         The batch norm after W_z. A module without it has ``norm=None``.
     concat : str, optional
@@ -94,8 +112,8 @@ class Layout:
         A keyword of ``forward`` that makes it return ``(z, A)`` (AlexHex7's
         ``return_nl_map``).
     pooled : mapping, optional
-        Role -> path where the path differs when the block pools (mmcv keeps the
-        pooled g projection at ``g.0.conv`` and the pool at ``g.1``).
+        Role (or ``layers`` name) -> path where the path differs when the block pools
+        (mmcv keeps the pooled g projection at ``g.0.conv`` and the pool at ``g.1``).
     without_norm : mapping, optional
         Role -> path where the path differs without a batch norm (AlexHex7: ``W``).
     requires : tuple of str
@@ -114,8 +132,20 @@ class Layout:
     read : callable, optional
         ``read(module) -> dict`` of config values taken from the module's attributes
         (mmcv's ``mode`` and ``use_scale``, timm's ``scale``).
-    family : str
-        The block family the oracle compares (``"nonlocal"``).
+    family : {"nonlocal", "gcnet", "dnl"}
+        The block: the Non-local block (:class:`nlref.NonLocalConfig`), GCNet's global
+        context block (:class:`nlref.family.GCNetConfig`) or the disentangled non-local
+        block (:class:`nlref.family.DNLConfig`).
+    layers : mapping, optional
+        nlref parameter prefix -> path, for the layers the roles above do not name:
+        GCNet's ``mask`` (w_k), ``channel_add.fc1``, ``channel_add.norm``,
+        ``channel_add.fc2`` (and the same for ``channel_mul``), DNL's ``mask`` (w_m). A
+        GCNet layout may also place ``<fusion>.relu`` and ``gate``: modules without
+        weights that the reader checks compute ReLU and the sigmoid.
+    probes : mapping, optional
+        Row name -> a sub-module or method whose output the oracle compares, for a family
+        block (``{"attention": "softmax", "context": "spatial_pool"}`` in mmcv's
+        ``ContextBlock``).
     name : str
         Shown in reports; :func:`register_layout` sets it.
     description : str
@@ -142,11 +172,26 @@ class Layout:
     preset: str | None = None
     read: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
     family: str = "nonlocal"
+    layers: Any = field(default_factory=tuple)
+    probes: Any = field(default_factory=tuple)
     name: str = "custom"
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Layout family must be one of {FAMILIES}, got {self.family!r}")
+        layers = dict(self.layers or {})
+        if any(not isinstance(p, str) or not p for p in layers.values()):
+            raise TypeError(f"Layout layers= must map names to dotted paths, got {layers!r}")
+        object.__setattr__(self, "layers", tuple(sorted(layers.items())))
+        object.__setattr__(self, "probes", tuple(sorted(dict(self.probes or {}).items())))
+        if self.family == "gcnet" and not layers:
+            raise ValueError("a gcnet Layout needs layers= (nlref's layer names -> paths)")
+        if self.family == "dnl" and "mask" not in layers:
+            raise ValueError("a dnl Layout needs layers={'mask': path of the unary projection}")
         for role in ("g", "z"):
+            if self.family == "gcnet" and not getattr(self, role):
+                continue
             if not isinstance(getattr(self, role), str) or not getattr(self, role):
                 raise ValueError(
                     f"Layout needs {role}= (the dotted path of the sub-module holding W_{role})"
@@ -161,8 +206,9 @@ class Layout:
             raise ValueError(f"Layout kind must be one of {KINDS}, got {self.kind!r}")
         if self.pool_order is not None and self.pool_order not in POOL_ORDERS:
             raise ValueError(f"Layout pool_order must be one of {POOL_ORDERS} or None")
-        object.__setattr__(self, "pooled", _pairs(self.pooled))
-        object.__setattr__(self, "without_norm", _pairs(self.without_norm))
+        known = ROLES + tuple(layers)
+        object.__setattr__(self, "pooled", _pairs(self.pooled, known))
+        object.__setattr__(self, "without_norm", _pairs(self.without_norm, known))
         object.__setattr__(self, "requires", tuple(self.requires))
         object.__setattr__(self, "config", tuple(sorted(dict(self.config or {}).items())))
         if self.preset is not None:
@@ -171,8 +217,10 @@ class Layout:
             get_preset(self.preset)  # raises for an unknown preset
 
     def paths(self, *, pooled: bool, norm: bool) -> dict[str, str | None]:
-        """Role -> dotted path, for a block that pools (or not) and has a norm (or not)."""
+        """Role (and ``layers`` name) -> dotted path, for a block that pools (or not) and
+        has a norm (or not)."""
         out: dict[str, str | None] = {role: getattr(self, role) for role in ROLES}
+        out.update(dict(self.layers))
         if pooled:
             out.update(dict(self.pooled))
         if not norm:
@@ -188,7 +236,7 @@ class Layout:
     def candidate_paths(self, role: str) -> tuple[str, ...]:
         """Every path ``role`` can have in this layout (pooled or not, with or without norm)."""
         found = [
-            getattr(self, role),
+            getattr(self, role, None) if role in ROLES else dict(self.layers).get(role),
             dict(self.pooled).get(role),
             dict(self.without_norm).get(role),
         ]
@@ -199,7 +247,9 @@ class Layout:
         if self.description:
             return self.description
         parts = [f"{r}={getattr(self, r)}" for r in ROLES if getattr(self, r)]
-        return f"{self.kind} layout: " + ", ".join(parts)
+        parts += [f"{r}={p}" for r, p in self.layers]
+        block = "" if self.family == "nonlocal" else f"{self.family} "
+        return f"{block}{self.kind} layout: " + ", ".join(parts)
 
     def replace(self, **changes: Any) -> Layout:
         """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -209,16 +259,52 @@ class Layout:
 # --------------------------------------------------------------------------- attributes
 
 
-def _read_mmcv(module: Any) -> dict[str, Any]:
-    found: dict[str, Any] = {"pairwise": module.mode}
-    if module.mode == "embedded_gaussian" and not getattr(module, "use_scale", True):
-        found["scale"] = None
+def _check_mmcv_conv_out(module: Any) -> None:
     if getattr(module.conv_out, "with_activation", False):
         raise ValueError("mmcv conv_out has an activation; nlref's W_z has none")
     norm = getattr(module.conv_out, "norm", None) if module.conv_out.with_norm else None
     if norm is not None and "BatchNorm" not in type(norm).__name__:
         raise ValueError(f"conv_out.norm is {norm!r}; nlref's only norm is batch norm")
+
+
+def _read_mmcv(module: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {"pairwise": module.mode}
+    if module.mode == "embedded_gaussian" and not getattr(module, "use_scale", True):
+        found["scale"] = None
+    _check_mmcv_conv_out(module)
     return found
+
+
+def mmseg_scale(inter_channels: int, use_scale: bool, temperature: float) -> dict[str, Any]:
+    """The ``scale`` and ``temperature`` of a :class:`nlref.family.DNLConfig` that reproduce
+    mmsegmentation's ``DisentangledNonLocal2d`` exactly, as keyword arguments.
+
+    mmsegmentation divides the logits by ``torch.tensor(C′, dtype=torch.float) ** 0.5``
+    (``use_scale``) and by ``torch.tensor(temperature)``: float32 numbers, even in a float64
+    module. Its factor is therefore 1 / (fl₃₂(√C′) · fl₃₂(τ)), not 1 / (√C′ τ); the two
+    differ by about 1e-8 relative, which moves z by about 1e-9. This returns
+    ``scale = 1 / fl₃₂(√C′)`` (None without ``use_scale``) and ``temperature = fl₃₂(τ)``.
+    fl₃₂(√C′) is the correctly rounded float32 square root, which equals PyTorch's float32
+    power on the CPU for every C′ < 3678.
+
+    >>> mmseg_scale(4, True, 0.05)["temperature"]
+    0.05000000074505806
+    """
+    root = np.sqrt(np.float32(inter_channels))  # float32 in, float32 out, correctly rounded
+    return {
+        "scale": 1.0 / float(root) if use_scale else None,
+        "temperature": float(np.float32(temperature)),
+    }
+
+
+def _read_mmseg_dnl(module: Any) -> dict[str, Any]:
+    if module.mode != "embedded_gaussian":
+        raise ValueError(
+            f"DisentangledNonLocal2d with mode={module.mode!r}: nlref's disentangled block is "
+            "the paper's, the embedded Gaussian (mmsegmentation's default)"
+        )
+    _check_mmcv_conv_out(module)
+    return mmseg_scale(module.inter_channels, bool(module.use_scale), module.temperature)
 
 
 def _read_timm(module: Any) -> dict[str, Any]:
@@ -242,7 +328,16 @@ def _read_alexhex7(module: Any) -> dict[str, Any]:
     return {}
 
 
-#: The registered layouts, by name: the four public implementations first.
+def _gcnet_layers(mask: str, transforms: dict[str, str], steps: dict[str, str]) -> dict:
+    """GCNet's layer names -> paths: the context's logits, and each transform's steps."""
+    out = {"mask": mask}
+    for fusion, prefix in transforms.items():
+        out.update({f"{fusion}.{step}": f"{prefix}.{path}" for step, path in steps.items()})
+    return out
+
+
+#: The registered layouts, by name: the four public Non-local blocks first, then GCNet
+#: (mmcv, timm) and the disentangled non-local block (mmsegmentation).
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
@@ -311,6 +406,52 @@ LAYOUTS: dict[str, Layout] = {
             attention_kwarg="return_nl_map",
             preset="alexhex7",
             read=_read_alexhex7,
+        ),
+        Layout(
+            name="mmcv-gc",
+            family="gcnet",
+            description="mmcv ContextBlock (GCNet): conv_mask.*, channel_add_conv.{0,1,3}.*, "
+            "channel_mul_conv.{0,1,3}.*",
+            layers=_gcnet_layers(
+                "conv_mask",
+                {"channel_add": "channel_add_conv", "channel_mul": "channel_mul_conv"},
+                {"fc1": "0", "norm": "1", "relu": "2", "fc2": "3"},
+            ),
+            probes={"attention": "softmax", "context": "spatial_pool"},
+            requires=("pooling_type", "fusion_types"),
+        ),
+        Layout(
+            name="timm-gc",
+            family="gcnet",
+            description="timm GlobalContext (GCNet): conv_attn.*, mlp_add.{fc1,norm,fc2}.*, "
+            "mlp_scale.{fc1,norm,fc2}.*",
+            layers={
+                **_gcnet_layers(
+                    "conv_attn",
+                    {"channel_add": "mlp_add", "channel_mul": "mlp_scale"},
+                    {"fc1": "fc1", "norm": "norm", "relu": "act", "fc2": "fc2"},
+                ),
+                "gate": "gate",
+            },
+            requires=("conv_attn", "mlp_add", "mlp_scale"),
+        ),
+        Layout(
+            name="dnl",
+            family="dnl",
+            description="mmsegmentation DisentangledNonLocal2d: theta.conv.*, phi.conv.*, "
+            "g.conv.*, conv_mask.*, conv_out.conv.*, conv_out.bn.*",
+            theta="theta.conv",
+            phi="phi.conv",
+            g="g.conv",
+            z="conv_out.conv",
+            bn="conv_out.bn",
+            layers={"mask": "conv_mask"},
+            pooled={"phi": "phi.0.conv", "g": "g.0.conv", "pool": "g.1"},
+            pool_order="after_projection",
+            values="g",
+            attention="embedded_gaussian",
+            requires=("mode", "temperature"),
+            read=_read_mmseg_dnl,
         ),
     )
 }

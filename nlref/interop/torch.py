@@ -1,7 +1,8 @@
 r"""PyTorch Non-local modules and checkpoints -> nlref ``(cfg, params)``, and back.
 
 A :class:`~nlref.interop.layouts.Layout` says where a module keeps each part of the block.
-Four are registered (:data:`nlref.interop.LAYOUTS`), and :func:`register_layout` adds more:
+Seven are registered (:data:`nlref.interop.LAYOUTS`), and :func:`register_layout` adds more.
+The Non-local blocks:
 
 =============  ==============================================================================
 layout         module and state_dict keys
@@ -15,6 +16,19 @@ pytorchvideo   ``NonLocal`` (``create_nonlocal``): ``conv_theta.*``, ``conv_phi.
 alexhex7       ``_NonLocalBlockND``: ``g.*``, ``theta.*``, ``phi.*`` (``g.0.*``, ``phi.0.*`` when
                sub-sampled), ``W.0.*`` and ``W.1.*`` (``W.*`` without ``bn_layer``),
                ``concat_project.0.weight``
+=============  ==============================================================================
+
+and the blocks of its family (:mod:`nlref.family`), which :func:`from_torch` reads as a
+:class:`~nlref.family.GCNetConfig` or a :class:`~nlref.family.DNLConfig`:
+
+=============  ==============================================================================
+layout         module and state_dict keys
+=============  ==============================================================================
+mmcv-gc        ``ContextBlock``: ``conv_mask.*``, ``channel_add_conv.{0,1,3}.*``,
+               ``channel_mul_conv.{0,1,3}.*`` (1×1 conv, layer norm, 1×1 conv)
+timm-gc        ``GlobalContext``: ``conv_attn.*``, ``mlp_add.{fc1,norm,fc2}.*``,
+               ``mlp_scale.{fc1,norm,fc2}.*``
+dnl            mmsegmentation's ``DisentangledNonLocal2d``: mmcv's keys and ``conv_mask.*``
 =============  ==============================================================================
 
 Every function that takes a ``layout`` accepts a registered name or a ``Layout`` value, so
@@ -52,8 +66,10 @@ from torch import nn
 
 from .. import presets
 from ..config import BIAS_LAYERS, NonLocalConfig
+from ..family import FUSIONS, DNLConfig, GCNetConfig
+from ..family import param_shapes as family_param_shapes
 from ..pairwise import get as get_pairwise
-from ..params import param_shapes
+from ..params import param_shapes as block_param_shapes
 from .layouts import (
     LAYOUTS,
     Layout,
@@ -65,6 +81,7 @@ from .layouts import (
 
 __all__ = [
     "LAYOUTS",
+    "Config",
     "Layout",
     "detect_layout",
     "from_state_dict",
@@ -82,6 +99,8 @@ __all__ = [
     "unregister_layout",
 ]
 
+#: What :func:`from_torch` returns as the config: the Non-local block's, or a family block's.
+Config = NonLocalConfig | GCNetConfig | DNLConfig
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(NonLocalConfig))
@@ -92,22 +111,46 @@ def _supported() -> str:
     return "\n".join(f"  - {name}: {lay.describe()}" for name, lay in LAYOUTS.items())
 
 
+_CONFIGS = {"nonlocal": NonLocalConfig, "gcnet": GCNetConfig, "dnl": DNLConfig}
+
+
+def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """nlref's parameter names and shapes of any block's config."""
+    if isinstance(cfg, NonLocalConfig):
+        return block_param_shapes(cfg)
+    return family_param_shapes(cfg)
+
+
+def _check_family(lay: Layout, cfg: Any) -> None:
+    want = _CONFIGS[lay.family]
+    if not isinstance(cfg, want):
+        raise TypeError(
+            f"layout {lay.name!r} describes a {lay.family} block, whose config is a "
+            f"{want.__name__}; got a {type(cfg).__name__}"
+        )
+
+
 # --------------------------------------------------------------------------- key maps
 
 
-def key_map(layout: str | Layout, cfg: NonLocalConfig) -> dict[str, str]:
+def key_map(layout: str | Layout, cfg: Config) -> dict[str, str]:
     """nlref parameter name -> the layout's state_dict key, for every name of ``cfg``.
 
     >>> import nlref
+    >>> from nlref import family
     >>> from nlref.interop.torch import key_map
     >>> key_map("mmcv", nlref.preset("mmcv", 8, sub_sample=True, dims=2))["g.weight"]
     'g.0.conv.weight'
+    >>> key_map("timm-gc", family.GCNetConfig(16, fusion=("channel_mul",)))["channel_mul.norm.bias"]
+    'mlp_scale.norm.bias'
     """
     lay = get_layout(layout)
-    paths = lay.paths(pooled=cfg.sub_sample is not None, norm=cfg.norm is not None)
+    _check_family(lay, cfg)
+    pooled = getattr(cfg, "sub_sample", None) is not None
+    paths = lay.paths(pooled=pooled, norm=getattr(cfg, "norm", None) is not None)
     out = {}
     for name in param_shapes(cfg):
-        layer, _, kind = name.partition(".")
+        layer, _, kind = name.rpartition(".")
         if not paths.get(layer):
             raise ValueError(f"layout {lay.name!r} has no place for nlref parameter {name!r}")
         out[name] = f"{paths[layer]}.{kind}"
@@ -116,7 +159,10 @@ def key_map(layout: str | Layout, cfg: NonLocalConfig) -> dict[str, str]:
 
 def _needed_roles(lay: Layout) -> list[str]:
     """The roles a block in ``lay`` always has: g, W_z, and θ unless the layout's variants
-    include the Gaussian (which compares x itself)."""
+    include the Gaussian (which compares x itself); none for a GCNet layout, which is
+    recognised by the attributes it ``requires``."""
+    if not lay.g:
+        return []
     gaussian = lay.preset is not None and "gaussian" in presets.get(lay.preset).pairwise
     return ["g", "z"] + ([] if gaussian or not lay.theta else ["theta"])
 
@@ -138,7 +184,7 @@ def detect_layout(keys: Any) -> str:
     """
     ks = set(keys)
     for name, lay in LAYOUTS.items():
-        if _keys_match(lay, ks):
+        if lay.family == "nonlocal" and _keys_match(lay, ks):
             return name
     seen = sorted(ks)[:8]
     raise ValueError(
@@ -264,6 +310,11 @@ def from_state_dict(
             f"(first keys: {sorted(map(str, state_dict))[:5]})"
         )
     lay = get_layout(detect_layout(sd) if layout is None else layout)
+    if lay.family != "nonlocal":
+        raise ValueError(
+            f"from_state_dict reads Non-local blocks; the keys of a {lay.family} block "
+            f"({lay.name!r}) do not tell its config: read the module with from_torch"
+        )
     cfg = _infer_config(lay, sd, cfg_overrides)
     return cfg, _convert(lay, cfg, sd, dtype)
 
@@ -372,7 +423,7 @@ def _to_numpy(value: Any, dtype: str | None) -> np.ndarray:
 
 
 def _convert(
-    lay: Layout, cfg: NonLocalConfig, sd: Mapping[str, Any], dtype: str | None
+    lay: Layout, cfg: Config, sd: Mapping[str, Any], dtype: str | None
 ) -> dict[str, np.ndarray]:
     kmap = key_map(lay, cfg)
     expected, present = set(kmap.values()), set(sd)
@@ -380,12 +431,17 @@ def _convert(
     if missing or unexpected:
         parts = [f"missing {missing}"] if missing else []
         parts += [f"unexpected {unexpected}"] if unexpected else []
+        if isinstance(cfg, GCNetConfig):
+            fields = f"pooling={cfg.pooling!r}, fusion={cfg.fusion}"
+            hint = "pooling=, fusion="
+        else:
+            variant = f"pairwise={cfg.pairwise!r}, " if isinstance(cfg, NonLocalConfig) else ""
+            fields = f"{variant}sub_sample={cfg.sub_sample}, norm={cfg.norm!r}, biases={cfg.biases}"
+            hint = ("pairwise=, " if variant else "") + "sub_sample=, norm=, biases="
         raise ValueError(
-            f"the {lay.name} state_dict does not match the config (pairwise={cfg.pairwise!r}, "
-            f"sub_sample={cfg.sub_sample}, norm={cfg.norm!r}, biases={cfg.biases}): "
+            f"the {lay.name} state_dict does not match the config ({fields}): "
             + "; ".join(parts)
-            + ". Pass the overrides that match the checkpoint (pairwise=, sub_sample=, norm=, "
-            "biases=)"
+            + f". Pass the overrides that match the checkpoint ({hint})"
         )
     shapes = param_shapes(cfg)
     params = {}
@@ -422,6 +478,11 @@ def to_state_dict(
     ``module.load_state_dict(...)`` accepts it.
     """
     lay = get_layout(layout)
+    if lay.family != "nonlocal":
+        raise ValueError(
+            f"to_state_dict writes Non-local blocks; for a {lay.family} layout ({lay.name!r}) "
+            "copy the parameters into the module by key_map(layout, cfg)"
+        )
     if lay.kind == "conv" and dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
     out: dict[str, torch.Tensor] = {}
@@ -470,14 +531,25 @@ def recognises(module: nn.Module, layout: str | Layout) -> bool:
     return all(has(role) for role in _needed_roles(lay))
 
 
+def recognised_layout(module: nn.Module, candidates: Iterable[Layout]) -> Layout | None:
+    """The layout among ``candidates`` that ``module`` has, or None. Where several fit, the
+    one that ``requires`` the most attributes wins (mmsegmentation's DNL is a subclass of
+    mmcv's ``NonLocal2d``, with its parts and a ``temperature``), then the first."""
+    fitting = [lay for lay in candidates if recognises(module, lay)]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda lay: len(lay.requires))  # max keeps the first of ties
+
+
 def module_layout(module: nn.Module, layouts: Iterable[str | Layout] | None = None) -> Layout:
-    """The layout of a PyTorch Non-local module, recognised from its sub-modules.
+    """The layout of a PyTorch Non-local module (or one of its family), recognised from its
+    sub-modules and attributes.
 
     Parameters
     ----------
     module : torch.nn.Module
     layouts : iterable of str or Layout, optional
-        The layouts to try, in order. Default: every registered layout.
+        The layouts to try. Default: every registered layout.
 
     Raises
     ------
@@ -486,9 +558,9 @@ def module_layout(module: nn.Module, layouts: Iterable[str | Layout] | None = No
         layout of your own.
     """
     candidates = list(LAYOUTS.values()) if layouts is None else [get_layout(x) for x in layouts]
-    for lay in candidates:
-        if recognises(module, lay):
-            return lay
+    lay = recognised_layout(module, candidates)
+    if lay is not None:
+        return lay
     cls = type(module)
     raise TypeError(
         f"from_torch does not recognise {cls.__module__}.{cls.__qualname__} as a Non-local "
@@ -609,27 +681,30 @@ def from_torch(
     layout: str | Layout | None = None,
     dtype: str | None = "float64",
     **cfg_overrides: Any,
-) -> tuple[NonLocalConfig, dict[str, np.ndarray]]:
-    """The nlref config and parameters of a PyTorch Non-local module.
+) -> tuple[Config, dict[str, np.ndarray]]:
+    """The nlref config and parameters of a PyTorch Non-local module, or of a block of its
+    family.
 
     Parameters
     ----------
     module : torch.nn.Module
         A block in a registered layout (an mmcv ``NonLocal1d/2d/3d``, a timm
-        ``NonLocalAttn``, a pytorchvideo ``NonLocal``, an AlexHex7 ``_NonLocalBlockND``),
-        or in the ``layout`` you describe.
+        ``NonLocalAttn``, a pytorchvideo ``NonLocal``, an AlexHex7 ``_NonLocalBlockND``; an
+        mmcv ``ContextBlock``, a timm ``GlobalContext``, an mmsegmentation
+        ``DisentangledNonLocal2d``), or in the ``layout`` you describe.
     layout : str or Layout, optional
         A registered name or a :class:`Layout`, instead of recognising the module.
     dtype : {"float64", "float32", None}
         Of the returned arrays (None keeps the module's).
     **cfg_overrides
-        :class:`nlref.NonLocalConfig` fields; they win over what is read from the module
+        Fields of the block's config; they win over what is read from the module
         (``pairwise=`` for a block whose variant the layout cannot tell, ``scale=`` for a
         layout without a preset).
 
     Returns
     -------
-    cfg : NonLocalConfig
+    cfg : NonLocalConfig, GCNetConfig or DNLConfig
+        By the layout's ``family``.
     params : dict
         nlref name -> NumPy array.
 
@@ -647,5 +722,100 @@ def from_torch(
     lay = module_layout(module) if layout is None else get_layout(layout)
     if lay.kind == "conv":
         _check_convs(module)
-    overrides = {**_module_facts(module, lay), **cfg_overrides}
-    return from_state_dict(module.state_dict(), lay, dtype=dtype, **overrides)
+    if lay.family == "gcnet":
+        cfg = _gcnet_config(module, lay, cfg_overrides)
+    elif lay.family == "dnl":
+        cfg = _dnl_config(module, lay, cfg_overrides)
+    else:
+        overrides = {**_module_facts(module, lay), **cfg_overrides}
+        return from_state_dict(module.state_dict(), lay, dtype=dtype, **overrides)
+    if dtype not in (None, *_DTYPES):
+        raise ValueError(f"dtype must be 'float64', 'float32' or None, got {dtype!r}")
+    sd = {k: v for k, v in module.state_dict().items() if not k.endswith(_IGNORED_SUFFIXES)}
+    return cfg, _convert(lay, cfg, sd, dtype)
+
+
+# --------------------------------------------------------------------------- the family
+
+
+def _config(kind: type, values: Mapping[str, Any], lay: Layout) -> Any:
+    fields = {f.name for f in dataclasses.fields(kind) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise TypeError(
+            f"unexpected config override(s) {unknown} for the {lay.family} layout "
+            f"{lay.name!r}; expected {kind.__name__} fields {sorted(fields)}"
+        )
+    return kind(**values)
+
+
+def _behaves_as(module: nn.Module, path: str, fn: Any, what: str) -> None:
+    """The weightless layer at ``path`` (if the module has one) computes ``fn``."""
+    layer = submodule(module, path)
+    if layer is None:
+        return
+    probe = torch.linspace(-4.0, 4.0, 17, dtype=torch.float64).reshape(1, 17, 1, 1)
+    same = not any(True for _ in layer.parameters())  # ReLU and σ have no weights
+    if same:
+        try:
+            with torch.no_grad():
+                got = layer(probe.clone())
+            same = torch.allclose(got, fn(probe), rtol=0, atol=1e-12)
+        except Exception:
+            same = False
+    if not same:
+        raise ValueError(
+            f"layer {path!r} is {layer!r}, which does not compute {what}; nlref's GCNet uses {what}"
+        )
+
+
+def _gcnet_config(module: nn.Module, lay: Layout, overrides: Mapping[str, Any]) -> GCNetConfig:
+    """GCNet's config from the module: the pooling from its mask's presence, the fusions
+    from the transforms present, C and C′ from the first projection, ε from the layer
+    norm; ReLU and the gate checked where the layout places them."""
+    paths = lay.paths(pooled=False, norm=True)
+    fusion = tuple(f for f in FUSIONS if _has_weight(submodule(module, paths.get(f"{f}.fc1"))))
+    if not fusion:
+        raise ValueError(
+            f"layout {lay.name!r}: {type(module).__name__} has no transform at "
+            f"{[paths.get(f'{f}.fc1') for f in FUSIONS]}"
+        )
+    fc1 = submodule(module, paths[f"{fusion[0]}.fc1"])
+    values: dict[str, Any] = {
+        "in_channels": int(fc1.weight.shape[1]),
+        "inter_channels": int(fc1.weight.shape[0]),
+        "pooling": "att" if _has_weight(submodule(module, paths.get("mask"))) else "avg",
+        "fusion": fusion,
+    }
+    norm = submodule(module, paths.get(f"{fusion[0]}.norm"))
+    if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
+        raise ValueError(
+            f"layer {paths.get(f'{fusion[0]}.norm')!r} is {norm!r}; nlref's GCNet transform "
+            "has an affine layer norm over its C′ channels"
+        )
+    values["ln_eps"] = float(norm.eps)
+    for f in fusion:
+        _behaves_as(module, paths.get(f"{f}.relu") or "", torch.relu, "ReLU")
+    if "channel_mul" in fusion:
+        _behaves_as(module, paths.get("gate") or "", torch.sigmoid, "the sigmoid")
+    if lay.read is not None:
+        values.update(lay.read(module))
+    return _config(GCNetConfig, {**dict(lay.config), **values, **overrides}, lay)
+
+
+def _dnl_config(module: nn.Module, lay: Layout, overrides: Mapping[str, Any]) -> DNLConfig:
+    """DNL's config from the module: the Non-local block's structure (pool, BN, biases from
+    the weights), and what the layout's ``read`` tells (mmsegmentation's scale and
+    temperature)."""
+    found = _module_facts(module, lay)
+    if found.pop("pairwise", "embedded_gaussian") != "embedded_gaussian":
+        raise ValueError(f"layout {lay.name!r}: a disentangled block has θ and φ projections")
+    if found.get("sub_sample") is not None and "pool_order" not in found:
+        raise ValueError(f"layout {lay.name!r} pools but declares no pool_order")
+    paths = module_paths(module, lay)
+    g = submodule(module, paths["g"]).weight
+    sd = module.state_dict()
+    found["inter_channels"], found["in_channels"] = int(g.shape[0]), int(g.shape[1])
+    found["norm"] = "batchnorm" if submodule(module, paths["bn"]) is not None else None
+    found["biases"] = tuple(r for r in BIAS_LAYERS if paths[r] and f"{paths[r]}.bias" in sd)
+    return _config(DNLConfig, {**dict(lay.config), **found, **overrides}, lay)

@@ -16,6 +16,9 @@ non-local block):
 - :mod:`~nlref.layers.layernorm`: layer norm over channels, per position.
 - :mod:`~nlref.layers.gate`: the sigmoid gate ``x · σ(t)``, one gate per channel.
 - :mod:`~nlref.layers.whiten`: each channel minus its mean over the positions.
+- :mod:`~nlref.layers.relu`: the rectifier (GCNet's transform; the toy models).
+- :mod:`~nlref.layers.global_pool`: the mean over the positions (GCNet's ``avg`` context;
+  the toy models' head).
 """
 
 from . import (
@@ -24,9 +27,11 @@ from . import (
     batchnorm,
     bilinear,
     gate,
+    global_pool,
     layernorm,
     maxpool,
     projection,
+    relu,
     softmax,
     whiten,
 )
@@ -37,9 +42,11 @@ __all__ = [
     "batchnorm",
     "bilinear",
     "gate",
+    "global_pool",
     "layernorm",
     "maxpool",
     "projection",
+    "relu",
     "softmax",
     "whiten",
 ]

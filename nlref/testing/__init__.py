@@ -23,8 +23,16 @@ raises an ``AssertionError`` carrying the report's table, for use in a pytest su
     block = nlref.testing.randomize(NonLocal2d(16, mode="dot_product", sub_sample=True))
     nlref.testing.assert_matches(block, torch.randn(2, 16, 9, 7))
 
+The Non-local block's family is checked the same way: mmcv's ``ContextBlock`` and timm's
+``GlobalContext`` (GCNet, :mod:`nlref.family.gcnet`) and mmsegmentation's
+``DisentangledNonLocal2d`` (:mod:`nlref.family.dnl`) are registered layouts
+(``mmcv-gc``, ``timm-gc``, ``dnl``), compared in float64 or float32.
+
 :func:`check_model` finds every recognised block of a model, captures each one's input
-during one run of the model, and compares each (:class:`ModelReport`).
+during one run of the model, and compares each (:class:`ModelReport`): timm's
+``resnet18(block_args=dict(attn_layer="gc"))`` has 8 ``GlobalContext`` blocks. timm's and
+mmsegmentation's classes load here through :func:`load_timm` and
+:func:`load_mmseg_dnl`, whose packages do not import beside this torch.
 
 nlref itself never uses autograd: torch computes only the module's side. torch is
 imported when a function here is called, not when this package is imported.
@@ -33,13 +41,23 @@ imported when a function here is called, not when this package is imported.
 from __future__ import annotations
 
 from .model import check_model, find_blocks
-from .modules import MODULE_LAYOUTS, load_timm_nonlocal_attn, make_module, randomize
+from .modules import (
+    FAMILY_LAYOUTS,
+    MODULE_LAYOUTS,
+    load_from_file,
+    load_mmseg_dnl,
+    load_timm,
+    load_timm_nonlocal_attn,
+    make_module,
+    randomize,
+)
 from .oracle import assert_matches, compare
 from .precision import FACTOR, PRECISIONS
 from .report import ModelReport, ModelRow, Report, Row
 
 __all__ = [
     "FACTOR",
+    "FAMILY_LAYOUTS",
     "MODULE_LAYOUTS",
     "PRECISIONS",
     "ModelReport",
@@ -50,6 +68,9 @@ __all__ = [
     "check_model",
     "compare",
     "find_blocks",
+    "load_from_file",
+    "load_mmseg_dnl",
+    "load_timm",
     "load_timm_nonlocal_attn",
     "make_module",
     "randomize",

@@ -9,16 +9,17 @@ comes from a :class:`Family`, named by ``Layout.family``:
 - ``reference``: nlref's tensors, keyed by the names of the report's rows, in the order
   the computation produces them;
 - ``emulate``: the same in float16 or bfloat16, rounded step by step
-  (:mod:`nlref.testing.precision`);
+  (:mod:`nlref.testing.precision`), or None where the family has no emulation (it is then
+  compared in float64 and float32 only);
 - ``probes``: the module's intermediate tensors the layout lets the oracle capture;
 - ``keys``: nlref parameter and buffer names -> the module's own;
 - ``conventions``: what the diagnosis varies when the module does not match
   (:mod:`nlref.testing.diagnosis`);
 - ``summary``: the config line of the report.
 
-The Non-local block is :mod:`nlref.testing.nonlocal_block`. Another family (the global
-context block, the disentangled non-local block) plugs in with :func:`register_family` and
-layouts whose ``family`` names it.
+The Non-local block is :mod:`nlref.testing.nonlocal_block`; GCNet's global context block
+and the disentangled non-local block are :mod:`nlref.testing.family_blocks`. Each plugs in
+with :func:`register_family`, and layouts name it in ``Layout.family``.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class Family:
         ``reference(cfg, params, x, dz, training, backward=True) -> {name: array}``: in
         the dtype of x (float64 for the truth, float32 for the float32 estimate). With
         ``backward=False``, only the forward tensors.
-    emulate : callable
-        ``emulate(cfg, params, x, dz, training, fmt) -> {name: array}``.
+    emulate : callable or None
+        ``emulate(cfg, params, x, dz, training, fmt) -> {name: array}``; None: the family
+        is compared in float64 and float32 only.
     probes : callable
         ``probes(layout, module, cfg) -> list of Probe``.
     keys : callable
@@ -91,12 +93,17 @@ class Family:
         parameter gradient sums over the batch and the positions). In float16 and
         bfloat16 the expected error of such a tensor is √K times the emulated one
         (:mod:`nlref.testing.precision`).
+    related : callable
+        ``related(cfg, training) -> {name: other}``: rows that are zero by construction (a
+        bias before a softmax or a whitening) and whose rounding error, in low precision,
+        is judged against the magnitude of ``other`` (its layer's weight gradient, a sum
+        of the same terms): their own magnitude is only rounding noise.
     """
 
     name: str
     read: Callable[..., tuple[Any, dict[str, np.ndarray]]]
     reference: Callable[..., dict[str, np.ndarray]]
-    emulate: Callable[..., dict[str, np.ndarray]]
+    emulate: Callable[..., dict[str, np.ndarray]] | None
     probes: Callable[..., list[Probe]]
     keys: Callable[..., Mapping[str, str]]
     forward_names: tuple[str, ...]
@@ -104,6 +111,7 @@ class Family:
     conventions: Callable[..., list[Any]]
     summary: Callable[[Any], str]
     terms: Callable[..., Mapping[str, int]] = lambda cfg, x_shape: {}
+    related: Callable[..., Mapping[str, str]] = lambda cfg, training: {}
 
     def stage(self, name: str) -> str:
         """``"forward"``, ``"buffers"`` or ``"backward"`` for the row called ``name``."""
@@ -133,7 +141,7 @@ def get_family(name: str) -> Family:
         If none is registered under that name.
     """
     if name not in FAMILIES:
-        from . import nonlocal_block  # noqa: F401  (registers the Non-local family)
+        from . import family_blocks, nonlocal_block  # noqa: F401  (they register themselves)
     if name not in FAMILIES:
         raise ValueError(f"unknown block family {name!r}; registered: {tuple(FAMILIES)}")
     return FAMILIES[name]

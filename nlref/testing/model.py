@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from .oracle import compare
@@ -16,15 +17,16 @@ def find_blocks(model: Any, layouts: Iterable[Any] | None = None) -> list[tuple[
     """The recognised blocks of ``model``: ``(dotted path, module, Layout)``, in module order.
 
     A block is a sub-module in one of ``layouts`` or of the registered layouts (tried in
-    that order); the search does not descend into a block.
+    that order; among several that fit, the one that requires the most attributes); the
+    search does not descend into a block.
     """
-    from ..interop.torch import LAYOUTS, get_layout, recognises
+    from ..interop.torch import LAYOUTS, get_layout, recognised_layout
 
-    candidates = [get_layout(x) for x in (layouts or ())] + list(LAYOUTS.values())
+    own = [get_layout(x) for x in (layouts or ())]
     found: list[tuple[str, Any, Any]] = []
 
     def visit(module: Any, path: str) -> None:
-        layout = next((lay for lay in candidates if recognises(module, lay)), None)
+        layout = recognised_layout(module, own) or recognised_layout(module, LAYOUTS.values())
         if layout is not None:
             found.append((path, module, layout))
             return
@@ -38,7 +40,8 @@ def find_blocks(model: Any, layouts: Iterable[Any] | None = None) -> list[tuple[
 def check_model(
     model: Any, *inputs: Any, layouts: Iterable[Any] | None = None, **compare_kwargs: Any
 ) -> ModelReport:
-    """Check every recognised Non-local block of ``model`` against nlref.
+    """Check every recognised Non-local block (or block of its family) of ``model`` against
+    nlref.
 
     The model runs once, on a deep copy (so that its BN statistics do not move), on
     ``inputs``; the input of each block's first call is captured, and each block is then
@@ -110,4 +113,5 @@ def check_model(
             rows.append(ModelRow(path, layout.name, name, error=f"{type(err).__name__}: {err}"))
             continue
         rows.append(ModelRow(path, layout.name, name, report=report))
+    rows = [replace(r, family=lay.family) for r, (_, _, lay) in zip(rows, blocks, strict=True)]
     return ModelReport(model=type(model).__name__, rows=tuple(rows))

@@ -27,7 +27,7 @@ from .diagnosis import Change, Context, State
 from .families import Family, Probe, register_family
 from .precision import round_to
 
-__all__ = ["FAMILY", "conventions", "emulate", "reference"]
+__all__ = ["FAMILY", "bn_mode_change", "conventions", "emulate", "reference"]
 
 _LAYER_ORDER = ("bn", "z", "concat", "g", "phi", "theta")  # the order backward reaches them
 
@@ -162,12 +162,14 @@ def emulate(
 
 
 def _read(module: Any, layout: Any, overrides: Mapping[str, Any]) -> tuple[Any, dict]:
+    """The module's config and float64 parameters, through its layout (any family)."""
     from ..interop.torch import from_torch
 
     return from_torch(module, layout=layout, dtype="float64", **overrides)
 
 
-def _keys(layout: Any, cfg: NonLocalConfig) -> dict[str, str]:
+def _keys(layout: Any, cfg: Any) -> dict[str, str]:
+    """nlref name -> the module's state_dict key (any family)."""
     from ..interop.torch import key_map
 
     return key_map(layout, cfg)
@@ -286,6 +288,30 @@ def _fit_scale(state: State, context: Context) -> float | None:
         if done:
             break
     return s
+
+
+def bn_mode_change() -> Change:
+    """Batch norm in the other mode: training (batch statistics) or eval (running ones)."""
+
+    def flip_bn(state: State, context: Context) -> State:
+        frozen = {k: state.params[k] for k in ("bn.running_mean", "bn.running_var")}
+
+        def keep_stats(want: dict) -> dict:  # eval mode leaves the statistics alone
+            return {**frozen, **want}
+
+        return state.with_(training=not state.training, adjust=(*state.adjust, keep_stats))
+
+    def bn_text(a: State, b: State) -> str:
+        mode = {
+            True: "training mode (batch statistics)",
+            False: "eval mode (running statistics, as a frozen BN: norm_eval=True)",
+        }
+        return (
+            f"batch norm: the module behaves as in {mode[b.training]}, nlref used "
+            f"{mode[a.training]}"
+        )
+
+    return Change("bn", flip_bn, bn_text, lambda b: {"training": b.training})
 
 
 def conventions(cfg: NonLocalConfig, training: bool, x_shape: tuple[int, ...]) -> list[Change]:
@@ -465,26 +491,7 @@ def conventions(cfg: NonLocalConfig, training: bool, x_shape: tuple[int, ...]) -
 
     # batch norm in training or eval mode
     if cfg.norm is not None:
-
-        def flip_bn(state: State, context: Context) -> State:
-            frozen = {k: state.params[k] for k in ("bn.running_mean", "bn.running_var")}
-
-            def keep_stats(want: dict) -> dict:  # eval mode leaves the statistics alone
-                return {**frozen, **want}
-
-            return state.with_(training=not state.training, adjust=(*state.adjust, keep_stats))
-
-        def bn_text(a: State, b: State) -> str:
-            mode = {
-                True: "training mode (batch statistics)",
-                False: "eval mode (running statistics, as a frozen BN: norm_eval=True)",
-            }
-            return (
-                f"batch norm: the module behaves as in {mode[b.training]}, nlref used "
-                f"{mode[a.training]}"
-            )
-
-        changes.append(Change("bn", flip_bn, bn_text, lambda b: {"training": b.training}))
+        changes.append(bn_mode_change())
 
     # the concatenation's 1/N′: ReLU(w·u) = ReLU((N′w)·u) / N′
     if cfg.pairwise == "concatenation":

@@ -316,6 +316,8 @@ class ModelRow:
     error : str or None
         Why the block was not compared (the model never called it, or its config could
         not be read).
+    family : str
+        The block's family (its layout's): ``"nonlocal"``, ``"gcnet"`` or ``"dnl"``.
     """
 
     path: str
@@ -323,6 +325,7 @@ class ModelRow:
     module: str
     report: Report | None = None
     error: str | None = None
+    family: str = "nonlocal"
 
     @property
     def ok(self) -> bool:
@@ -385,7 +388,9 @@ class ModelReport:
                     worst = f"{_e(w.max_rel_err)} ({w.name})"
             first = r.first_divergence or "-"
             body.append([r.path or "(model)", r.layout, r.module, dtype, status, worst, first])
-        lines = [f"nlref oracle: {len(self.rows)} Non-local blocks of {self.model}", ""]
+        families = {r.family for r in self.rows}
+        kind = "Non-local blocks" if families <= {"nonlocal"} else "blocks"
+        lines = [f"nlref oracle: {len(self.rows)} {kind} of {self.model}", ""]
         lines += format_table(header, body, align="<<<<<<<")
         lines.append("")
         for r in self.rows:

@@ -16,8 +16,9 @@ Every position contributes to the mean with weight 1/N:
 
     \bar h_{b,c,n} = \frac{\bar o_{b,c}}{N}.
 
-Pooling is what makes a purely local model *additive*: if each position's feature depends
-only on a small window, the pooled vector is a sum of terms that each see one window (see
+GCNet's ``pooling="avg"`` context is this layer (:mod:`nlref.family.gcnet`). It is also what
+makes a purely local model *additive*: if each position's feature depends only on a small
+window, the pooled vector is a sum of terms that each see one window (see
 :mod:`nlref.demo.toy`).
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..._backend import Array, namespace
+from .._backend import Array, namespace
 
 __all__ = ["GlobalPoolCache", "backward", "forward"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..._backend import Array, namespace
+from .._backend import Array, namespace
 
 __all__ = ["ReluCache", "backward", "forward"]
 
