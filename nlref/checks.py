@@ -25,10 +25,15 @@ def check_forward(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, tr
         raise TypeError(f"cfg must be a NonLocalConfig, got {type(cfg).__name__}")
     xp = check_x(x, cfg)
     check_params(params, cfg, x)
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
+    check_training(training)
     check_bn_eps(cfg, x, xp)
     return xp
+
+
+def check_training(training: Any) -> None:
+    """training: a bool (a NumPy bool is a bool)."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
 
 
 def check_bn_eps(cfg: NonLocalConfig, x: Array, xp: Any) -> None:

@@ -99,7 +99,7 @@ def test_python3_kernel_is_this_interpreter():
 # only call the public API (as demo and command modules do) are not in the set.
 
 EXPLAINED = ["block.py", "checks.py", "gradcheck.py", "params.py", "sampling.py", "_backend.py"]
-EXPLAINED += ["layers", "pairwise", "engine", "demo/layers"]
+EXPLAINED += ["layers", "pairwise", "engine", "demo/layers", "family"]
 MIN_LINE = 30  # shorter lines (imports, `xp = namespace(x)`) are common to any code
 MIN_SPAN = 25
 OPERATORS = (" = ", " + ", " - ", " * ", " / ", " @ ")

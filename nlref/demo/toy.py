@@ -30,8 +30,9 @@ batch norm with γ = 0 at init, as in the paper). A marker's query can find the 
 marker wherever it is; after training, A attends to B exactly when their colours match
 (the attention computes the relation), and the 1×1 layer reads that off.
 
-Everything is nlref: the layers are :mod:`nlref.layers` (``conv2d``, ``relu``,
-``projection``, ``global_pool``, ``linear``, ``cross_entropy``) and the block is
+Everything is nlref: the layers are :mod:`nlref.layers` (``relu``, ``projection``,
+``global_pool``) and :mod:`nlref.demo.layers` (``conv2d``, ``linear``, ``cross_entropy``,
+which only the toy models use), and the block is
 :func:`nlref.forward`, each with its hand-derived backward; :mod:`nlref.demo.optim` is the
 optimiser. No autograd.
 

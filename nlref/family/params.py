@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import Array, namespace, namespace_of_mapping, new_array
-from ..checks import check_x
+from ..checks import check_training, check_x
 from ..params import BUFFERS
 from ..params import init_params as init_block_params
 from ..params import param_shapes as block_param_shapes
@@ -156,8 +156,7 @@ def check_forward(x: Array, params: Mapping[str, Array], cfg: FamilyConfig, trai
     shape_of = cfg.nonlocal_config if isinstance(cfg, DNLConfig) else _no_pooling(cfg)
     xp = check_x(x, shape_of)
     check_params(params, cfg, x)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {training!r}")
+    check_training(training)
     return xp
 
 

@@ -205,7 +205,9 @@ class Layout:
         if self.kind not in KINDS:
             raise ValueError(f"Layout kind must be one of {KINDS}, got {self.kind!r}")
         if self.pool_order is not None and self.pool_order not in POOL_ORDERS:
-            raise ValueError(f"Layout pool_order must be one of {POOL_ORDERS} or None")
+            raise ValueError(
+                f"Layout pool_order must be one of {POOL_ORDERS} or None, got {self.pool_order!r}"
+            )
         known = ROLES + tuple(layers)
         object.__setattr__(self, "pooled", _pairs(self.pooled, known))
         object.__setattr__(self, "without_norm", _pairs(self.without_norm, known))

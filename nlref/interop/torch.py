@@ -563,7 +563,7 @@ def module_layout(module: nn.Module, layouts: Iterable[str | Layout] | None = No
         return lay
     cls = type(module)
     raise TypeError(
-        f"from_torch does not recognise {cls.__module__}.{cls.__qualname__} as a Non-local "
+        f"nlref does not recognise {cls.__module__}.{cls.__qualname__} as a Non-local "
         f"block; supported layouts:\n{_supported()}\n"
         "describe your own with layout=nlref.interop.torch.Layout(theta=..., phi=..., g=..., "
         "z=..., bn=...), naming the sub-modules that hold each projection"
