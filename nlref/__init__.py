@@ -38,7 +38,7 @@ from .params import BUFFERS, apply_buffer_updates, init_params, param_shapes, tr
 from .presets import preset
 from .sampling import draw_smooth_case, draw_smooth_input, nonsmooth_margin
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BUFFERS",

@@ -300,7 +300,10 @@ def _is_host(x: Any) -> bool:
     if array_api_compat.is_numpy_array(x) or array_api_compat.is_torch_array(x):
         return True  # (CUDA tensors are handled before)
     if array_api_compat.is_jax_array(x):
-        return all(d.platform == "cpu" for d in x.devices())
+        try:
+            return all(d.platform == "cpu" for d in x.devices())
+        except Exception:  # a tracer under jax.jit has no devices: the memory is unknown
+            return False
     return type(x).__module__.split(".")[0] == "array_api_strict"
 
 
