@@ -120,19 +120,26 @@ def embeddings(
 def _softmax_of_products(
     theta: Any, phi: Any, tensors: Mapping[str, Any], cfg: Any, materialise: bool
 ) -> Any:
-    """Gaussian and embedded Gaussian: A = softmax_j(α θᵢᵀφⱼ)."""
+    """Gaussian and embedded Gaussian: A = softmax_j(α θᵢᵀφⱼ), as AlexHex7 and mmcv write it:
+    ``f = matmul(theta_x, phi_x)`` with theta_x the (B, N, C′) view, scaled only when α ≠ 1."""
     import torch
 
-    return torch.softmax(cfg.effective_scale * torch.matmul(theta.transpose(1, 2), phi), dim=-1)
+    f = torch.matmul(theta.transpose(1, 2), phi)  # (B, N, C') @ (B, C', N')
+    if cfg.scale is not None:
+        f = f * cfg.scale
+    return torch.softmax(f, dim=-1)
 
 
 def _dot_product(
     theta: Any, phi: Any, tensors: Mapping[str, Any], cfg: Any, materialise: bool
 ) -> Any:
-    """Dot product: A = α θᵢᵀφⱼ / N′."""
+    """Dot product: A = α θᵢᵀφⱼ / N′ (``f / N`` in AlexHex7 and mmcv)."""
     import torch
 
-    return cfg.effective_scale * torch.matmul(theta.transpose(1, 2), phi) / phi.shape[-1]
+    f = torch.matmul(theta.transpose(1, 2), phi)  # (B, N, C') @ (B, C', N')
+    if cfg.scale is not None:
+        f = f * cfg.scale
+    return f / phi.shape[-1]
 
 
 def _concatenation(
@@ -223,13 +230,17 @@ def block(
     -------
     Twin
     """
+    import torch
     import torch.nn.functional as F
 
     attend = formula(cfg.pairwise)
     b, _, *spatial = x.shape
     theta, phi, g, _ = embeddings(x, tensors, cfg)
     attention = attend(theta, phi, tensors, cfg, materialise)
-    y = (g @ attention.transpose(1, 2)).reshape(b, g.shape[1], *spatial)  # y = g Aᵀ
+    # y = g Aᵀ, as AlexHex7 and mmcv write it: matmul(A, g_x) with g_x the (B, N', C') view,
+    # then back to (B, C', *S)
+    y = torch.matmul(attention, g.transpose(1, 2))  # (B, N, C')
+    y = y.permute(0, 2, 1).contiguous().reshape(b, g.shape[1], *spatial)
     wy = _conv1x1(y, tensors["z.weight"], tensors.get("z.bias"))
     buffers: dict[str, Any] = {}
     if cfg.norm == "batchnorm":
