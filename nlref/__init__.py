@@ -29,7 +29,8 @@ from . import (  # none of these imports torch
     vectors,
 )
 from ._backend import to_numpy
-from .block import BlockCache, backward, forward
+from .api import backward, forward
+from .block import BlockCache
 from .config import NonLocalConfig
 from .engine import AttentionNotStoredError, MemoryLimitError
 from .family import DNLConfig, GCNetConfig  # GCNet and the disentangled non-local block

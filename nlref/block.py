@@ -30,8 +30,8 @@ The same steps in reverse, each with its layer's hand-derived backward: z̄ → 
 
     \bar x = \bar x_\theta + \bar x_\phi + \bar x_g + \bar z.
 
-Every step is a pure function. Large problems go to :mod:`nlref.engine` at one marked
-hand-off: it runs these same steps in tiles and threads, and is pinned to this reference.
+Every step is a pure function. :func:`nlref.forward` runs this block, or, for problems too
+large for it, :mod:`nlref.engine`, which runs these same steps in tiles and threads.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import engine
 from ._backend import Array
 from .checks import check_cache, check_dz, check_forward
 from .config import NonLocalConfig
@@ -109,11 +108,7 @@ def forward(
     params: Mapping[str, Array],
     cfg: NonLocalConfig,
     training: bool = True,
-    *,
-    chunk_size: int | None = None,
-    memory_limit: int | None = None,
-    threads: int | None = None,
-) -> tuple[Array, BlockCache | engine.EngineCache]:
+) -> tuple[Array, BlockCache]:
     """Run the Non-local block.
 
     Parameters
@@ -125,24 +120,15 @@ def forward(
     cfg : NonLocalConfig
     training : bool
         Batch norm on batch statistics (True) or on its running statistics (False).
-    chunk_size, memory_limit, threads : int or None
-        For large problems, and the engine's: see :func:`nlref.engine.plan`.
 
     Returns
     -------
     z : array, like x
-    cache : BlockCache or nlref.engine.EngineCache
+    cache : BlockCache
         ``cache.attention`` is A (B, N, N′); ``cache.updated_buffers`` the new BN running
         statistics. Neither x nor params is modified.
     """
     xp = check_forward(x, params, cfg, training)
-    # ─── The hand-off to the engine ──────────────────────────────────────────────────────
-    # Tiles of queries (chunk_size, or an attention too large to hold), worker threads and
-    # the memory check are the engine's: it runs the steps below on each tile and thread.
-    plan = engine.plan(x, cfg, chunk_size=chunk_size, memory_limit=memory_limit, threads=threads)
-    if plan.uses_engine:
-        return engine.forward(x, params, cfg, training, plan)
-    # ─── The reference ───────────────────────────────────────────────────────────────────
     b, c, *spatial = x.shape
     x_flat = xp.reshape(x, (b, c, math.prod(spatial)))  # (B, C, N)
     theta, phi, g, embed_caches = embed(x_flat, params, cfg, tuple(spatial))
@@ -160,7 +146,7 @@ def forward(
     return xp.reshape(z, tuple(x.shape)), cache
 
 
-def backward(dz: Array, cache: BlockCache | engine.EngineCache) -> tuple[Array, dict[str, Array]]:
+def backward(dz: Array, cache: BlockCache) -> tuple[Array, dict[str, Array]]:
     """The hand-derived backward of :func:`forward`.
 
     Parameters
@@ -175,9 +161,7 @@ def backward(dz: Array, cache: BlockCache | engine.EngineCache) -> tuple[Array, 
         Name -> gradient for every trainable parameter (all params but the BN running
         statistics), in the order of :func:`nlref.param_shapes`.
     """
-    check_cache(cache, (BlockCache, engine.EngineCache))
-    if isinstance(cache, engine.EngineCache):  # the hand-off, backward: the engine's cache
-        return engine.backward(dz, cache)
+    check_cache(cache, BlockCache)
     xp = check_dz(dz, cache.aggregate.values, cache.input_shape, cache.aggregate.values.dtype)
     b, c, *spatial = cache.input_shape
     dz_flat = xp.reshape(dz, (b, c, math.prod(spatial)))

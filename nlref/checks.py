@@ -16,13 +16,20 @@ from ._backend import Array, check_plain_array, namespace
 from .config import NonLocalConfig
 from .params import check_params
 
-__all__ = ["check_bn_eps", "check_cache", "check_dz", "check_forward", "check_x"]
+__all__ = [
+    "check_bn_eps",
+    "check_cache",
+    "check_config",
+    "check_dz",
+    "check_forward",
+    "check_training",
+    "check_x",
+]
 
 
 def check_forward(x: Array, params: Mapping[str, Array], cfg: NonLocalConfig, training: Any) -> Any:
     """Check the arguments of :func:`nlref.forward`; return x's array namespace."""
-    if not isinstance(cfg, NonLocalConfig):
-        raise TypeError(f"cfg must be a NonLocalConfig, got {type(cfg).__name__}")
+    check_config(cfg)
     xp = check_x(x, cfg)
     check_params(params, cfg, x)
     check_training(training)
@@ -86,11 +93,18 @@ def check_x(x: Array, cfg: NonLocalConfig) -> Any:
     return xp
 
 
-def check_cache(cache: Any, kinds: tuple[type, ...]) -> None:
-    """The cache must be what :func:`nlref.forward` returned."""
-    if not isinstance(cache, kinds):
+def check_config(cfg: Any) -> None:
+    """cfg: a NonLocalConfig."""
+    if not isinstance(cfg, NonLocalConfig):
+        raise TypeError(f"cfg must be a NonLocalConfig, got {type(cfg).__name__}")
+
+
+def check_cache(cache: Any, kind: type) -> None:
+    """The cache must be the ``kind`` that the block's forward returns (a
+    :class:`~nlref.block.BlockCache` for :func:`nlref.forward`)."""
+    if not isinstance(cache, kind):
         raise TypeError(
-            f"cache must be the BlockCache returned by forward, got {type(cache).__name__}"
+            f"cache must be the {kind.__name__} returned by forward, got {type(cache).__name__}"
         )
 
 

@@ -503,7 +503,7 @@ def gradcheck_block(
     **kwargs
         Passed to :func:`gradcheck` (``mode``, ``rtol``, ``rng``, ...).
     """
-    from .block import backward, forward
+    from .api import backward, forward
     from .params import trainable_names
 
     names = list(params)

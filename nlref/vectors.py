@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .block import backward, forward
+from .api import backward, forward
 from .config import NonLocalConfig
 from .params import BUFFERS
 from .presets import PRESETS

@@ -61,10 +61,10 @@ print({name: tuple(p.shape) for name, p in params.items()})
 # %% [markdown]
 # ## The whole forward pass, as it runs
 #
-# This is `nlref.block.forward`, printed from its source. After checking its inputs and
-# one hand-off to the engine (for problems too large or too slow for the plain formulas;
-# the end of this notebook), it runs the six steps in the paper's order. The rest of this
-# notebook calls the same functions, one at a time.
+# This is `nlref.block.forward`, printed from its source. After checking its inputs, it
+# runs the six steps in the paper's order. (`nlref.forward` runs this function, or, for
+# problems too large or too slow for the plain formulas, the engine: the end of this
+# notebook.) The rest of this notebook calls the same functions, one at a time.
 
 # %%
 print(inspect.getsource(block.forward))
@@ -216,9 +216,9 @@ for name in nlref.pairwise.names():
 # %% [markdown]
 # ## Large problems: the engine
 #
-# The attention is (B, N, N′): 1 GiB in float32 at N = N′ = 16,384. Before the steps,
-# `nlref.forward` asks `nlref.engine.plan` how to run. When the whole attention fits and
-# one thread is enough, the plan leaves the block to the steps above; otherwise
+# The attention is (B, N, N′): 1 GiB in float32 at N = N′ = 16,384. `nlref.forward`
+# (`nlref/api.py`) asks `nlref.engine.plan` how to run. When the whole attention fits and
+# one thread is enough, it runs `nlref.block.forward`, the steps above; otherwise
 # `nlref.engine` runs the same steps in tiles of query rows (and on several CPU threads),
 # and its backward recomputes each tile instead of keeping the whole attention. Here we
 # ask for tiles of 8 queries:

@@ -146,8 +146,7 @@ for variant in nlref.pairwise.all_variants():
 #
 # The forward runs six steps (notebook 01): embed, attend, aggregate, project out, batch
 # norm, residual. The backward runs them in reverse, each with the backward of its layer,
-# the ones derived above. This is `nlref.block.backward`, printed from its source (its
-# first lines hand a tiled forward's cache over to the engine):
+# the ones derived above. This is `nlref.block.backward`, printed from its source:
 
 # %%
 print(inspect.getsource(block.backward))

@@ -300,14 +300,14 @@ def test_gradcheck_block_passes_chunk_size_and_threads(monkeypatch: pytest.Monke
     """gradcheck_block(chunk_size=, threads=) checks that path: every forward it runs is
     tiled and threaded as asked."""
     cfg, x, _, params = grid.make_case("embedded_gaussian", 2, "pool_after", batch=1)
-    forward, plans = nlref.block.forward, []
+    forward, plans = nlref.api.forward, []
 
     def recording_forward(*args: Any, **kwargs: Any) -> Any:
         z, cache = forward(*args, **kwargs)
         plans.append((cache.plan.chunk_size, cache.threads))
         return z, cache
 
-    monkeypatch.setattr(nlref.block, "forward", recording_forward)
+    monkeypatch.setattr(nlref.api, "forward", recording_forward)
     result = nlref.gradcheck_block(cfg, x, params, rng=1, chunk_size=4, threads=2)
     assert result.ok, str(result)
     assert plans and set(plans) == {(4, 2)}

@@ -155,7 +155,7 @@ class _NlrefSide:
     ) -> None:
         import array_api_compat
 
-        from ..block import backward, forward
+        from ..api import backward, forward
         from ..engine import plan
 
         self.cfg, x, dz, params = inputs(case, seed)

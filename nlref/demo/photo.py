@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import Array
-from ..block import forward as block_forward
+from ..api import forward as block_forward
 from ..config import NonLocalConfig
 from ..pairwise import get as get_pairwise
 from ..pairwise import names as pairwise_names

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import block as nl_block
+from .. import api
 from .._backend import Array, namespace, to_numpy
 from ..config import NonLocalConfig
 from ..layers import global_pool, projection, relu
@@ -381,7 +381,7 @@ def forward(
     h, stem_relu = relu.forward(h)
     middle_relu = None
     if model.kind == "nonlocal":
-        h, middle = nl_block.forward(h, _block_params(params), model.block, training=training)
+        h, middle = api.forward(h, _block_params(params), model.block, training=training)
     else:
         h, middle = conv2d.forward(h, params["local.weight"], params["local.bias"])
         h, middle_relu = relu.forward(h)
@@ -418,7 +418,7 @@ def backward(dlogits: Array, cache: ToyCache) -> tuple[Array, dict[str, Array]]:
     b, _, s1, s2 = cache.stem.input_shape
     dh = xp.reshape(p.dx, (b, model.channels, s1, s2))
     if model.kind == "nonlocal":
-        dh, block_grads = nl_block.backward(dh, cache.middle)
+        dh, block_grads = api.backward(dh, cache.middle)
         grads.update({BLOCK_PREFIX + n: v for n, v in block_grads.items()})
     else:
         dh = relu.backward(dh, cache.middle_relu)

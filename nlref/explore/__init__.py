@@ -721,12 +721,12 @@ def from_torch(
     image : array, optional
         The picture (or clip) the input came from, at any resolution.
     """
-    from .. import block
+    from .. import api
     from ..interop import torch as interop_torch
 
     cfg, params = interop_torch.from_torch(module, **cfg_overrides)
     host = x.detach().cpu().double().numpy() if hasattr(x, "detach") else np.asarray(x)
-    _, cache = block.forward(np.asarray(host, dtype=np.float64), params, cfg, training=False)
+    _, cache = api.forward(np.asarray(host, dtype=np.float64), params, cfg, training=False)
     return explore(
         image,
         {cfg.pairwise: cache},

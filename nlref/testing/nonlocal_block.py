@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import block
+from .. import api, block
 from ..config import NonLocalConfig
 from ..layers import aggregate, maxpool, softmax
 from ..pairwise import get as get_pairwise
@@ -58,12 +58,12 @@ def reference(
     """nlref's tensors for the oracle, in the dtype of x: the values g, the attention, z,
     then (with ``backward``) the updated BN statistics, every parameter gradient in the
     order backward reaches it, and dx."""
-    z, cache = block.forward(x, params, cfg, training=training)
+    z, cache = api.forward(x, params, cfg, training=training)
     attention = cache.attention_rows(0, math.prod(x.shape[2:]))
     if not backward:
-        return _tensors(cache.values, attention, z, {}, {}, None)
-    dx, grads = block.backward(dz, cache)
-    return _tensors(cache.values, attention, z, cache.updated_buffers, grads, dx)
+        return _tensors(cfg, cache.values, attention, z, {}, {}, None)
+    dx, grads = api.backward(dz, cache)
+    return _tensors(cfg, cache.values, attention, z, cache.updated_buffers, grads, dx)
 
 
 def _embed_rounded(
