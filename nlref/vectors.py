@@ -185,8 +185,7 @@ def _compute(
     """Every output array of a case, keyed as in the files."""
     z, cache = forward(x, params, cfg, training=training)
     dx, grads = backward(dz, cache)
-    n = math.prod(x.shape[2:])
-    attention = cache.attention_rows(0, n) if hasattr(cache, "attention_rows") else cache.attention
+    attention = cache.attention_rows(0, math.prod(x.shape[2:]))  # also when computed in tiles
     out = {"z": z, "attention": attention, "dx": dx}
     out.update({f"grad/{k}": v for k, v in grads.items()})
     out.update({f"buffers_after/{k}": v for k, v in cache.updated_buffers.items()})
@@ -253,13 +252,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _case_entry(case: Case) -> dict[str, Any]:
+def _case_entry(case: Case, stored: Mapping[str, Any], **described: Any) -> dict[str, Any]:
+    """A case's manifest entry: its name, where it is ``stored``, its config, then what
+    ``described`` adds (its arrays' shapes, its tolerances)."""
     return {
         "name": case.name,
+        **stored,
         "preset": case.preset,
         "config": case.cfg.to_dict(),
         "training": case.training,
         "input_shape": list(case.shape),
+        **described,
     }
 
 
@@ -268,20 +271,12 @@ def _write_npz(out: Path, case: Case) -> dict[str, Any]:
     path = out / f"{case.name}.npz"
     with path.open("wb") as fh:
         np.savez(fh, **arrays)
-    entry = _case_entry(case)
-    entry.update(
-        file=path.name,
-        sha256=_sha256(path),
+    return _case_entry(
+        case,
+        {"file": path.name, "sha256": _sha256(path)},
         arrays={k: list(v.shape) for k, v in arrays.items()},
         tolerances=_tolerances(case, arrays),
     )
-    return {k: entry[k] for k in _NPZ_KEYS}
-
-
-_NPZ_KEYS = (
-    "name", "file", "sha256", "preset", "config", "training", "input_shape", "arrays",
-    "tolerances",
-)  # fmt: skip
 
 
 def _write_onnx(out: Path, case: Case) -> dict[str, Any]:
@@ -302,9 +297,8 @@ def _write_onnx(out: Path, case: Case) -> dict[str, Any]:
     for rel, data in tensors.items():
         (folder / rel).write_bytes(data)
         files[rel] = hashlib.sha256(data).hexdigest()
-    entry = _case_entry(case)
-    entry.update(file=case.name, files=files, tolerances={"z": _tolerances(case, arrays)["z"]})
-    return entry
+    stored = {"file": case.name, "files": files}
+    return _case_entry(case, stored, tolerances={"z": _tolerances(case, arrays)["z"]})
 
 
 def _tensor_bytes(onnx: Any, array: np.ndarray, name: str) -> bytes:

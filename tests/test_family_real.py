@@ -69,10 +69,8 @@ def timm_global_context() -> type:
 
 def mmseg_dnl() -> type:
     """mmsegmentation's ``DisentangledNonLocal2d`` from the installed wheel (through
-    ``load_mmseg_dnl``). mmsegmentation is installed by the test extra beside mmcv, so it
-    is required with it."""
-    load = nlref_testing().load_mmseg_dnl
-    return _required("mmcv" if "mmcv" in REQUIRED else "mmsegmentation", load)
+    ``load_mmseg_dnl``)."""
+    return _required("mmsegmentation", nlref_testing().load_mmseg_dnl)
 
 
 # ─── The check ────────────────────────────────────────────────────────────────────────────

@@ -144,6 +144,8 @@ def test_vectors_out_and_check(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     victim.write_bytes(bytes(data))
     code, out, _ = run(capsys, "vectors", "--check", str(out_dir))
     assert code == 1 and f"FAIL {victim.stem}:" in out
+    assert re.search(rf"\n{victim.stem.split('-')[0]} +8 +\d+ +\S+ +FAIL\n", out), out
+    assert re.search(r"\ntimm +4 +\d+ +\S+ +ok\n", out), out  # the other preset's cases pass
     code, _, err = run(capsys, "vectors", "--check", str(tmp_path / "missing"))
     assert code == 2 and "manifest.json not found" in err
     code, _, err = run(capsys, "vectors", "--out", str(out_dir), "--preset", "timm")

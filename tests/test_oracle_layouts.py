@@ -200,7 +200,7 @@ def test_rows_that_cannot_be_captured_say_so() -> None:
     assert any(n.startswith("g: the layout names no sub-module") for n in report.notes)
 
 
-def test_the_scale_of_the_issue_example() -> None:
+def test_a_scale_of_one_over_root_c_is_an_override() -> None:
     # compare(module, x, layout=Layout(...), pairwise=..., scale=...) as in the docs
     _, testing = torch_and_testing()
     blocks = _blocks()

@@ -184,3 +184,14 @@ def test_aliases_and_lookup() -> None:
     assert presets.get("SlowFast") is presets.get("pytorchvideo")
     assert presets.names() == ("paper", "caffe2", "alexhex7", "mmcv", "timm", "pytorchvideo")
     assert presets.get("mmcv").kernel(2) == (2, 2)
+
+
+def test_native_variant_names_both_ways() -> None:
+    # pytorchvideo's instantiation="softmax" is nlref's embedded Gaussian; its other names
+    # are nlref's own
+    video = presets.get("pytorchvideo")
+    assert video.native_name("embedded_gaussian") == "softmax"
+    assert video.native_name("dot_product") == "dot_product"
+    assert [video.variant(video.native_name(v)) for v in video.pairwise] == list(video.pairwise)
+    with pytest.raises(ValueError, match=r"has no variant 'gaussian'; it has \('softmax', "):
+        video.variant("gaussian")

@@ -6,9 +6,9 @@ functions; ``nlref bench`` times the same code. Here it is used in float64.
 
 from __future__ import annotations
 
-from nlref.bench.twin import BUFFER_NAMES, embeddings, reference
+from nlref.bench.twin import embeddings, reference
 
-__all__ = ["BUFFER_NAMES", "torch_block", "torch_embeddings"]
+__all__ = ["torch_block", "torch_embeddings"]
 
 torch_block = reference
 torch_embeddings = embeddings

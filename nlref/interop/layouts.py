@@ -59,8 +59,6 @@ __all__ = [
 ROLES = ("theta", "phi", "g", "concat", "z", "bn", "pool", "values")
 #: How the projections are stored: 1×1(×1) convs, or ``nn.Linear`` on channels-last tokens.
 KINDS = ("conv", "linear")
-#: The layer of each nlref parameter prefix (``"theta.weight"`` lives in the θ layer).
-PARAM_ROLES = ("theta", "phi", "g", "concat", "z", "bn")
 #: The block families a layout can describe: the Non-local block, GCNet's global context
 #: block and the disentangled non-local block (:mod:`nlref.family`).
 FAMILIES = ("nonlocal", "gcnet", "dnl")

@@ -297,8 +297,7 @@ def from_state_dict(
     inner = state_dict.get("state_dict")
     if isinstance(inner, Mapping):
         state_dict = inner
-    if dtype not in (None, *_DTYPES):
-        raise ValueError(f"dtype must be 'float64', 'float32' or None, got {dtype!r}")
+    _check_dtype(dtype)
     sd = {
         k[len(prefix) :]: v
         for k, v in state_dict.items()
@@ -404,10 +403,20 @@ def _custom_config(
             f"are {dims}-D"
         )
     values["sub_sample"] = sub_sample
-    if "biases" not in values:  # read from the keys: each layer that has a bias
+    if "biases" not in values:
         paths = lay.paths(pooled=sub_sample is not None, norm=values.get("norm") is not None)
-        values["biases"] = tuple(r for r in BIAS_LAYERS if paths[r] and f"{paths[r]}.bias" in sd)
+        values["biases"] = _biases(paths, sd)
     return NonLocalConfig(in_channels=in_channels, **values)
+
+
+def _biases(paths: Mapping[str, str | None], sd: Mapping[str, Any]) -> tuple[str, ...]:
+    """The layers whose key has a bias, read from the state_dict."""
+    return tuple(r for r in BIAS_LAYERS if paths[r] and f"{paths[r]}.bias" in sd)
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype not in (None, *_DTYPES):
+        raise ValueError(f"dtype must be 'float64', 'float32' or None, got {dtype!r}")
 
 
 def _to_numpy(value: Any, dtype: str | None) -> np.ndarray:
@@ -640,11 +649,6 @@ def module_paths(module: nn.Module, layout: Layout) -> dict[str, str | None]:
     return layout.paths(pooled=pooled, norm=norm)
 
 
-def layout_pools(lay: Layout) -> bool:
-    """Whether the layout places a key-side pool (so a module without one does not pool)."""
-    return bool(lay.pool or dict(lay.pooled).get("pool"))
-
-
 def _module_facts(module: nn.Module, lay: Layout) -> dict[str, Any]:
     """What the module's structure and declared attributes tell about its config."""
     paths = module_paths(module, lay)
@@ -661,7 +665,7 @@ def _module_facts(module: nn.Module, lay: Layout) -> dict[str, Any]:
         found["sub_sample"] = _pool_kernel(pool, dims, paths["pool"])
         if lay.pool_order is not None:
             found["pool_order"] = lay.pool_order
-    elif layout_pools(lay):
+    elif lay.pool or dict(lay.pooled).get("pool"):  # the layout pools; this module does not
         found["sub_sample"] = None
     if _has_weight(submodule(module, paths["concat"])):
         found["pairwise"] = "concatenation"
@@ -729,8 +733,7 @@ def from_torch(
     else:
         overrides = {**_module_facts(module, lay), **cfg_overrides}
         return from_state_dict(module.state_dict(), lay, dtype=dtype, **overrides)
-    if dtype not in (None, *_DTYPES):
-        raise ValueError(f"dtype must be 'float64', 'float32' or None, got {dtype!r}")
+    _check_dtype(dtype)
     sd = {k: v for k, v in module.state_dict().items() if not k.endswith(_IGNORED_SUFFIXES)}
     return cfg, _convert(lay, cfg, sd, dtype)
 
@@ -817,5 +820,5 @@ def _dnl_config(module: nn.Module, lay: Layout, overrides: Mapping[str, Any]) ->
     sd = module.state_dict()
     found["inter_channels"], found["in_channels"] = int(g.shape[0]), int(g.shape[1])
     found["norm"] = "batchnorm" if submodule(module, paths["bn"]) is not None else None
-    found["biases"] = tuple(r for r in BIAS_LAYERS if paths[r] and f"{paths[r]}.bias" in sd)
+    found["biases"] = _biases(paths, sd)
     return _config(DNLConfig, {**dict(lay.config), **found, **overrides}, lay)

@@ -31,8 +31,9 @@ The Non-local block's family is checked the same way: mmcv's ``ContextBlock`` an
 :func:`check_model` finds every recognised block of a model, captures each one's input
 during one run of the model, and compares each (:class:`ModelReport`): timm's
 ``resnet18(block_args=dict(attn_layer="gc"))`` has 8 ``GlobalContext`` blocks. timm's and
-mmsegmentation's classes load here through :func:`load_timm` and
-:func:`load_mmseg_dnl`, whose packages do not import beside this torch.
+mmsegmentation's classes load through :func:`load_timm` and :func:`load_mmseg_dnl` even
+where their packages do not import (timm's needs a working torchvision, mmsegmentation's
+an mmcv older than 2.2.0 with its compiled ops).
 
 nlref itself never uses autograd: torch computes only the module's side. torch is
 imported when a function here is called, not when this package is imported.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,16 +46,16 @@ class State:
 class Context:
     """What a change may look at: the module's tensors and a way to run nlref.
 
-    ``got`` holds the module's tensors that were compared, ``bounds`` their allowed
-    absolute errors, ``run(state, backward)`` nlref's tensors for a state.
+    ``got`` holds the module's tensors that were compared, ``bounds`` a check per tensor
+    (``check(got, want) -> bool``, with the comparison's own tolerances), ``run(state,
+    backward)`` nlref's tensors for a state, ``forward_names`` the rows the forward
+    computes.
     """
 
     got: Mapping[str, np.ndarray]
     bounds: Mapping[str, Callable[[np.ndarray, np.ndarray], bool]]
     run: Callable[[State, bool], dict[str, np.ndarray]]
-    x_shape: tuple[int, ...]
     forward_names: tuple[str, ...] = ()
-    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

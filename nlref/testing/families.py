@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FAMILIES", "Family", "Probe", "get_family", "register_family"]
+__all__ = ["FAMILIES", "Family", "Probe", "get_family", "in_backward_order", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,20 @@ class Family:
         if name in self.forward_names:
             return "forward"
         return "buffers" if name in self.buffer_names else "backward"
+
+
+def in_backward_order(grads: Mapping[str, Any], shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """``grads`` layer by layer from the output back (weight before bias), for a block whose
+    parameters, in the order its forward reaches them, are the keys of ``shapes`` (its
+    ``param_shapes(cfg)``)."""
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in shapes))
+    order = {layer: i for i, layer in enumerate(reversed(layers))}
+
+    def key(name: str) -> tuple[int, int]:
+        layer, _, kind = name.rpartition(".")
+        return order[layer], 0 if kind == "weight" else 1
+
+    return {n: grads[n] for n in sorted(grads, key=key)}
 
 
 #: The registered families, by name.

@@ -29,23 +29,11 @@ import numpy as np
 
 from ..family import DNLConfig, GCNetConfig, dnl, gcnet, param_shapes
 from .diagnosis import Change, Context, State
-from .families import Family, Probe, register_family
+from .families import Family, Probe, in_backward_order, register_family
 from .nonlocal_block import _keys, _read, bn_mode_change
 from .nonlocal_block import _probes as nonlocal_probes
 
 __all__ = ["DNL", "GCNET"]
-
-
-def _in_backward_order(grads: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
-    """The gradients layer by layer from the output back (weight before bias)."""
-    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in param_shapes(cfg)))
-    order = {layer: i for i, layer in enumerate(reversed(layers))}
-
-    def key(name: str) -> tuple[int, int]:
-        layer, _, kind = name.rpartition(".")
-        return order[layer], 0 if kind == "weight" else 1
-
-    return {n: grads[n] for n in sorted(grads, key=key)}
 
 
 def _as_arrays(out: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -73,7 +61,7 @@ def gcnet_reference(
     out["z"] = z
     if backward:
         dx, grads = gcnet.backward(dz, cache)
-        out.update(_in_backward_order(grads, cfg))
+        out.update(in_backward_order(grads, param_shapes(cfg)))
         out["dx"] = dx
     return _as_arrays(out)
 
@@ -159,7 +147,7 @@ def dnl_reference(
     if backward:
         dx, grads = dnl.backward(dz, cache)
         out.update(cache.updated_buffers)
-        out.update(_in_backward_order(grads, cfg))
+        out.update(in_backward_order(grads, param_shapes(cfg)))
         out["dx"] = dx
     return _as_arrays(out)
 

@@ -103,15 +103,14 @@ def check_model(
     rows = []
     for path, _, layout in blocks:
         original = originals[path]
-        name = type(original).__name__
+        row = ModelRow(path, layout.name, type(original).__name__, family=layout.family)
         if path not in captured:
-            rows.append(ModelRow(path, layout.name, name, error="the model never called it"))
+            rows.append(replace(row, error="the model never called it"))
             continue
         try:
             report = compare(original, captured[path], layout=layout, **compare_kwargs)
         except (TypeError, ValueError) as err:
-            rows.append(ModelRow(path, layout.name, name, error=f"{type(err).__name__}: {err}"))
+            rows.append(replace(row, error=f"{type(err).__name__}: {err}"))
             continue
-        rows.append(ModelRow(path, layout.name, name, report=report))
-    rows = [replace(r, family=lay.family) for r, (_, _, lay) in zip(rows, blocks, strict=True)]
+        rows.append(replace(row, report=report))
     return ModelReport(model=type(model).__name__, rows=tuple(rows))

@@ -21,27 +21,27 @@ from .. import api, block
 from ..config import NonLocalConfig
 from ..layers import aggregate, maxpool, softmax
 from ..pairwise import get as get_pairwise
-from ..params import in_param_order
+from ..params import param_shapes
 from ..presets import PRESETS
 from .diagnosis import Change, Context, State
-from .families import Family, Probe, register_family
+from .families import Family, Probe, in_backward_order, register_family
 from .precision import round_to
 
 __all__ = ["FAMILY", "bn_mode_change", "conventions", "emulate", "reference"]
 
-_LAYER_ORDER = ("bn", "z", "concat", "g", "phi", "theta")  # the order backward reaches them
-
 
 def _tensors(
-    values: Any, attention: Any, z: Any, updated: Mapping[str, Any], grads: Mapping, dx: Any
+    cfg: NonLocalConfig,
+    values: Any,
+    attention: Any,
+    z: Any,
+    updated: Mapping[str, Any],
+    grads: Mapping,
+    dx: Any,
 ) -> dict[str, np.ndarray]:
     out = {"g": values, "attention": attention, "z": z}
     out.update(updated)
-    order = sorted(
-        grads,
-        key=lambda n: (_LAYER_ORDER.index(n.split(".")[0]), 0 if n.endswith("weight") else 1),
-    )
-    out.update({name: grads[name] for name in order})
+    out.update(in_backward_order(grads, param_shapes(cfg)))
     if dx is not None:
         out["dx"] = dx
     return {k: np.asarray(v) for k, v in out.items()}
@@ -152,9 +152,9 @@ def emulate(
     d_paths = (r(pair_grads.dtheta), r(pair_grads.dphi), dg)
     dx_theta, dx_phi, dx_g = block.embed_backward(d_paths, embed_caches, grads)
     dx = r(dz_flat + dx_theta + dx_phi + dx_g)  # accumulated in float32, stored once
-    grads = {k: r(v) for k, v in in_param_order(grads, cfg).items()}
+    grads = {k: r(v) for k, v in grads.items()}
     updated = {k: r(v) for k, v in updated.items()}
-    out = _tensors(g, attention, z.reshape(x.shape), updated, grads, dx.reshape(x.shape))
+    out = _tensors(cfg, g, attention, z.reshape(x.shape), updated, grads, dx.reshape(x.shape))
     return {k: v.astype(np.float64) for k, v in out.items()}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -116,11 +117,9 @@ def _run_module(
     cfg: Any,
     x: np.ndarray,
     dz: np.ndarray,
-    training: bool,
     torch_dtype: Any,
-) -> tuple[dict[str, Any], dict[str, str], str | None, str | None, list[Probe]]:
-    """Run the module's forward and backward; returns (tensors, sources, error, stage,
-    probes)."""
+) -> tuple[dict[str, Any], str | None, str | None, list[Probe]]:
+    """Run the module's forward and backward; returns (tensors, error, stage, probes)."""
     import torch
 
     captured: dict[str, Any] = {}
@@ -156,7 +155,7 @@ def _run_module(
                 tensors[name] = buffers[key].detach()
     if z is not None and error is None:
         tensors["dx"] = xt.grad
-    return tensors, {}, error, stage, probes
+    return tensors, error, stage, probes
 
 
 def compare(
@@ -210,9 +209,11 @@ def compare(
         When the module differs, search the conventions that explain it
         (``report.diagnosis``).
     **cfg_overrides
-        :class:`nlref.NonLocalConfig` fields, passed to
-        :func:`nlref.interop.torch.from_torch`: what neither the weights nor the attributes
-        the layout declares tell (``pairwise=``, ``scale=``, ``pool_order=``, ...).
+        Fields of the block's config (:class:`nlref.NonLocalConfig`, or
+        :class:`nlref.family.GCNetConfig` / :class:`nlref.family.DNLConfig` for the
+        family), passed to :func:`nlref.interop.torch.from_torch`: what neither the weights
+        nor the attributes the layout declares tell (``pairwise=``, ``scale=``,
+        ``pool_order=``, ``ln_eps=``, ...).
 
     Returns
     -------
@@ -265,9 +266,7 @@ def compare(
 
     # nlref: forward and hand-derived backward, float64 (raises on a bad x: a usage error)
     truth = family.reference(cfg, params, xn, dzn, training)
-    tensors, _, error, stage, probes = _run_module(
-        m, lay, family, cfg, xn, dzn, training, torch_dtype
-    )
+    tensors, error, stage, probes = _run_module(m, lay, family, cfg, xn, dzn, torch_dtype)
 
     low = fmt != "float64"
     expected: Mapping[str, float] = {}
@@ -377,14 +376,8 @@ def compare(
     )
     if diagnose and report.first_divergence is not None:
         diagnosis = _diagnose(family, report, cfg, params, xn, dzn, training, got_compared)
-        report = _with_diagnosis(report, diagnosis)
+        report = dataclasses.replace(report, diagnosis=diagnosis)
     return report
-
-
-def _with_diagnosis(report: Report, diagnosis: str | None) -> Report:
-    from dataclasses import replace
-
-    return replace(report, diagnosis=diagnosis)
 
 
 def _diagnose(
@@ -419,9 +412,7 @@ def _diagnose(
     def run(state: State, backward: bool) -> dict[str, np.ndarray]:
         return family.reference(state.cfg, state.params, x, dz, state.training, backward=backward)
 
-    context = Context(
-        got=got, bounds=bounds, run=run, x_shape=tuple(x.shape), forward_names=family.forward_names
-    )
+    context = Context(got=got, bounds=bounds, run=run, forward_names=family.forward_names)
     base = State(cfg=cfg, params=dict(params), training=training)
     found = search(base, family.conventions(cfg, training, tuple(x.shape)), context)
     return explain(base, found)

@@ -98,7 +98,7 @@ class Report:
         The layout's name (``"custom"`` for an unregistered :class:`Layout`).
     module : str
         The module's class.
-    cfg : NonLocalConfig
+    cfg : NonLocalConfig, GCNetConfig or DNLConfig
         What nlref read from the module.
     input_shape : tuple of int
     training : bool
