@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._backend import Array, to_numpy
+from .analysis import attention_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -233,38 +234,27 @@ def _host_attention(attention: Array, batch: int) -> np.ndarray:
     return a[batch]
 
 
-def _sizes(attention: Any) -> tuple[int, int, int]:
-    """(B, N, N′) of an attention array or a forward cache."""
-    if _is_cache(attention):
-        b, _, *spatial = attention.input_shape
-        return int(b), math.prod(spatial), math.prod(attention.key_shape)
-    shape = tuple(attention.shape)
-    if len(shape) == 2:
-        return 1, shape[0], shape[1]
-    if len(shape) != 3:
-        raise ValueError(f"expected attention of shape (B, N, N′) or (N, N′), got {shape}")
-    return shape
-
-
 def _grids(
     attention: Any,
     spatial: Sequence[int] | None,
     key_spatial: Sequence[int] | None,
+    kernel: Sequence[int] | None = None,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(S, S′, kernel) of an attention or a cache (a cache knows its grids)."""
-    kernel = None
     if _is_cache(attention):
         spatial = tuple(attention.input_shape[2:]) if spatial is None else spatial
         key_spatial = tuple(attention.key_shape) if key_spatial is None else key_spatial
         sub = getattr(getattr(attention, "cfg", None), "sub_sample", None)
-        kernel = None if sub is None else tuple(sub)
+        if kernel is None and sub is not None:
+            kernel = tuple(sub)
     if spatial is None:
         raise ValueError("give the query grid spatial=(h, w)")
     spatial = tuple(int(s) for s in spatial)
-    _, n, n_keys = _sizes(attention)
+    _, n, n_keys = attention_shape(attention)
     if n != math.prod(spatial):
         raise ValueError(
-            f"the attention has N={n} queries but S={spatial} has {math.prod(spatial)}"
+            f"the attention has N={n} queries but the query grid {spatial} has "
+            f"{math.prod(spatial)}; pass spatial="
         )
     keys, kernel = key_grid(spatial, n_keys, key_spatial=key_spatial, kernel=kernel)
     return spatial, keys, kernel
@@ -301,7 +291,7 @@ def attention_row(
     """
     spatial, keys, _ = _grids(attention, spatial, key_spatial)
     i = flat_index(query, spatial)
-    b = _sizes(attention)[0]
+    b = attention_shape(attention)[0]
     if not 0 <= batch < b:
         raise ValueError(f"batch={batch} outside [0, B={b})")
     if _is_cache(attention):
@@ -771,7 +761,7 @@ def plot_attention_matrix(
         If N·N′ exceeds ``max_entries`` (a matrix that large is unreadable: plot rows with
         :func:`plot_attention_2d` instead).
     """
-    _, n, n_keys = _sizes(attention)
+    _, n, n_keys = attention_shape(attention)
     if n * n_keys > max_entries:
         raise ValueError(
             f"the attention is {n}×{n_keys} = {n * n_keys} entries, more than "

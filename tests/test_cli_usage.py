@@ -56,11 +56,16 @@ CASES = [
     (["attention", SAMPLE, "--query", "5,5", "--size", "2000"], "--size 2000"),
     (["attention", SAMPLE, "--query", "5,5", "--dpi", "0"], "--dpi"),
     (["attention", "no/such/image.png", "--query", "5,5"], "no/such/image.png"),
+    (  # a negative number in exponent form is a value, not an option
+        ["attention", SAMPLE, "--query", "5,5", "--position-weight", "-1e-3"],
+        "--position-weight must be >= 0",
+    ),
     # explore
     (["explore", "--sample", "--size", "2000"], "--size 2000"),
     (["explore", "--sample", "--out", "x.png"], "--out"),
     (["explore", "--sample", "--pairwise", "concatenation", "--scale", "2"], "--scale"),
     (["explore"], "--sample"),
+    (["explore", "--sample", "--position-weight", "-1e-3"], "--position-weight must be >= 0"),
     # vectors
     (["vectors"], "--out"),
     (["vectors", "--check", "no/such/dir"], "no/such/dir"),

@@ -8,6 +8,7 @@ Chromium, with the pointer.
 from __future__ import annotations
 
 import base64
+import json
 import math
 
 import numpy as np
@@ -96,11 +97,25 @@ def test_clip_from_the_demo_and_from_frames():
     assert data["kernel"] == [1, 2, 2] and data["axes"] == ["t", "y", "x"]
     assert len(data["frames"]) == 6 and data["pixelated"] is True
     clip, _ = photo.synthetic_clip(frames=3, size=16)
-    frames = explore.from_clip((clip * 255).astype(np.uint8), pairwise="dot_product")
+    as_bytes = np.rint(clip * 255).astype(np.uint8)
+    frames = explore.from_clip(as_bytes, pairwise="dot_product")
     data = page_data(frames.html)
     assert data["queries"] == [3, 16, 16] and [v["name"] for v in data["variants"]] == [
         "dot_product"
     ]
+    # uint8 frames are read as value / 255, as the same frames in floats
+    same = explore.from_clip(as_bytes / 255.0, pairwise="dot_product")
+    assert frames.query_dependence == pytest.approx(same.query_dependence, rel=1e-12)
+
+
+def test_integer_images_are_scaled_to_0_1():
+    img = np.rint(small_image() * 255).astype(np.uint8)
+    as_bytes = explore.from_image(img, size=12)
+    as_floats = explore.from_image(img / 255.0, size=12)
+    assert as_bytes.query_dependence == pytest.approx(as_floats.query_dependence, rel=1e-12)
+    np.testing.assert_array_equal(
+        decoded_rows(page_data(as_bytes.html), 0), decoded_rows(page_data(as_floats.html), 0)
+    )
 
 
 def test_from_arrays_caches_and_layers():
@@ -166,6 +181,17 @@ def test_estimate_is_an_upper_bound():
     page = explore.from_image(img, pairwise="all", size=30)
     n = 15 * 20
     assert page.nbytes <= explore.estimate_bytes(n, n, 4)
+
+
+def test_estimate_bounds_a_layer_that_does_not_compress():
+    """Random rows barely compress: the layer's data alone (rows, per-query numbers and
+    the two maps) stays within the per-layer part of the bound."""
+    att = np.random.default_rng(4).random((1, 300, 300))
+    att /= att.sum(-1, keepdims=True)
+    data = page_data(viz.explore(None, att, spatial=(15, 20)).html)
+    layer = json.dumps(data["variants"], separators=(",", ":"), ensure_ascii=False)
+    per_layer = explore.estimate_bytes(300, 300, 1) - explore.estimate_bytes(0, 0, 0)
+    assert len(layer.encode()) <= per_layer
 
 
 def test_from_a_pytorch_module_inside_a_model():

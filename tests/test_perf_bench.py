@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,8 +162,15 @@ def test_scaling_measures_plots_and_reports(
     assert "log-log slopes" in out and f"wrote {png}" in out
 
 
-def test_plot_leaves_out_failed_points(tmp_path: Path) -> None:
+def test_plot_leaves_out_failed_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require("matplotlib")
+    import nlref.viz
+
+    figures: list[Any] = []
+    new_figure = nlref.viz.new_figure
+    monkeypatch.setattr(
+        nlref.viz, "new_figure", lambda *a: figures.append(new_figure(*a)) or figures[-1]
+    )
     points = []
     for impl in IMPLEMENTATIONS:
         for n in (256, 1024, 4096):
@@ -188,3 +196,14 @@ def test_plot_leaves_out_failed_points(tmp_path: Path) -> None:
     }
     path = plot_scaling(report, tmp_path / "synthetic.png")
     assert path.stat().st_size > 10_000
+
+    def drawn(ax: Any) -> dict[str, list[int]]:  # label -> N of each line (guides unlabelled)
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        return {line.get_label().split(" (slope")[0]: list(line.get_xdata()) for line in lines}
+
+    time_panel, memory_panel = figures[0].axes
+    every = [256, 1024, 4096]
+    assert drawn(time_panel) == {
+        "nlref (materialised)": [256, 1024], "nlref chunked": every, "torch eager": every,
+    }  # fmt: skip
+    assert drawn(memory_panel) == {"nlref (materialised)": [256, 1024], "nlref chunked": every}

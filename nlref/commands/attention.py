@@ -26,7 +26,6 @@ image, a query outside it, an input above the limit, matplotlib missing).
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,8 +35,6 @@ from . import CLIError, _budget
 __all__ = ["add_parser", "parse_query"]
 
 DEFAULT_SCALE = 6.0
-#: argparse reads "-5,3" as an option unless told that it looks like a negative number
-NEGATIVE_QUERY = re.compile(r"^-\d+(,\s*-?\d+)*$|^-\d*\.\d+$")
 
 
 def parse_query(text: str) -> tuple[int, int]:
@@ -54,14 +51,10 @@ def parse_query(text: str) -> tuple[int, int]:
     return y, x
 
 
-def allow_negative_values(parser: argparse.ArgumentParser) -> None:
-    """Let ``parser`` read values such as ``-5,3`` as values, not as unknown options."""
-    parser._negative_number_matcher = NEGATIVE_QUERY  # argparse has no public switch
-
-
-def resolve_pairwise(chosen: list[str] | None, scale: float | None) -> tuple[list[str], str]:
-    """The variants to run, and a note on the scale; refuses a scale that a named variant
-    does not take, as :class:`nlref.NonLocalConfig` does.
+def resolve_pairwise(chosen: list[str] | None, scale: float | None) -> tuple[list[str], float, str]:
+    """The variants to run, α (``scale``, or :data:`DEFAULT_SCALE`) and a note on it;
+    refuses a scale that a named variant does not take, as :class:`nlref.NonLocalConfig`
+    does.
 
     Raises
     ------
@@ -83,7 +76,7 @@ def resolve_pairwise(chosen: list[str] | None, scale: float | None) -> tuple[lis
     note = f"scale α = {alpha:g}" if len(without) < len(pairwise) else "no scale"
     if without and len(without) < len(pairwise):
         note += f" (not used by {', '.join(without)})"
-    return pairwise, note
+    return pairwise, alpha, note
 
 
 def check_common(args: argparse.Namespace, suffix: str) -> None:
@@ -128,8 +121,7 @@ def _cmd_attention(args: argparse.Namespace, out: TextIO) -> int:
     from .. import viz
     from ..demo import photo
 
-    pairwise, scale_note = resolve_pairwise(args.pairwise, args.scale)
-    alpha = DEFAULT_SCALE if args.scale is None else args.scale
+    pairwise, alpha, scale_note = resolve_pairwise(args.pairwise, args.scale)
     height, width = read_size(args.image)
     queries = args.query
     for y, x in queries:
@@ -285,7 +277,6 @@ def add_parser(sub: Any) -> None:
             "draw the attention of each query pixel over the image."
         ),
     )
-    allow_negative_values(p)
     p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
     p.add_argument(
         "--query",

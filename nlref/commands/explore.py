@@ -35,7 +35,6 @@ import numpy as np
 
 from . import CLIError, _budget
 from .attention import (
-    DEFAULT_SCALE,
     add_image_options,
     check_common,
     need_matplotlib,
@@ -91,8 +90,7 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
     if args.family and args.pairwise:
         raise CLIError("--family shows its own blocks beside the embedded Gaussian: leave out "
                        "--pairwise")  # fmt: skip
-    pairwise, scale_note = resolve_pairwise(args.pairwise or ["all"], args.scale)
-    alpha = DEFAULT_SCALE if args.scale is None else args.scale
+    pairwise, alpha, scale_note = resolve_pairwise(args.pairwise or ["all"], args.scale)
     if args.family:  # the embedded Gaussian, and DNL's pairwise term: two N x N' attentions
         pairwise = ["embedded_gaussian"] * (2 if args.family == "dnl" else 1)
         scale_note = f"scale α = {alpha:g}"
@@ -137,11 +135,12 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         file=out,
     )
     print(f"estimate: {est.describe()}; a page of at most {page / 2**20:.1f} MiB", file=out)
-    largest = _budget.largest_size(
-        lambda s: cost(s)[0].pairs <= _budget.MAX_PAIRS and cost(s)[1] <= MAX_PAGE_BYTES,
-        args.size,
-        max(height, width),
-    )
+
+    def fits(size: int) -> bool:
+        size_est, size_page = cost(size)
+        return size_est.pairs <= _budget.MAX_PAIRS and size_page <= MAX_PAGE_BYTES
+
+    largest = _budget.largest_size(fits, args.size, max(height, width))
     what = f"--size {args.size} ({'x'.join(map(str, q_grid))} queries)"
     _budget.refuse_if_too_large(est, force=args.force, largest_size=largest, what=what)
     if page > MAX_PAGE_BYTES and not args.force:
@@ -169,8 +168,7 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         elif kind == "npy-clip":
             page_obj = explore.from_clip(np.load(args.image, allow_pickle=False), **options)
         elif kind == "npy-image":
-            frame = np.load(args.image, allow_pickle=False)
-            page_obj = explore.from_image(photo.as_rgb(frame), **options)
+            page_obj = explore.from_image(np.load(args.image, allow_pickle=False), **options)
         else:
             page_obj = explore.from_image(args.image, **options)
     except (FileNotFoundError, ValueError) as err:
@@ -194,8 +192,6 @@ def _cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from .attention import allow_negative_values
-
     p = sub.add_parser(
         "explore",
         help="write an interactive attention explorer (one HTML file, no network)",
@@ -205,7 +201,6 @@ def add_parser(sub: Any) -> None:
             "HTML page: point at a query to see where it attends."
         ),
     )
-    allow_negative_values(p)
     p.add_argument(
         "image",
         metavar="IMAGE",

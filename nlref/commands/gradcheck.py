@@ -326,9 +326,7 @@ def run_case(
         row.error = f"{type(err).__name__}: {err}"
     else:
         row.noise = float(result.noise)
-        row.noise_used = max(
-            (float(getattr(r, "noise", 0.0)) for r in result.args.values()), default=0.0
-        )
+        row.noise_used = max((float(r.noise) for r in result.args.values()), default=0.0)
         for name, rep in result.args.items():
             row.rel_err[name] = rep.max_rel_err
             row.abs_err[name] = rep.max_abs_err

@@ -101,8 +101,9 @@ class Layer:
     label : str
         A line under the name in the side panel (e.g. the pairwise formula).
     maps : mapping
-        Name -> (B, N′) or (N′,) array: extra query-independent maps over the keys. The
-        mean row and the attention each key receives are added for layers with rows.
+        Name -> (B, N′) or (N′,) array, or (array, description): extra query-independent
+        maps over the keys. The mean row and the attention each key receives are added
+        for layers with rows.
     """
 
     rows: Any = None
@@ -162,28 +163,15 @@ def _grids(
     key_spatial: Sequence[int] | None,
     kernel: Sequence[int] | None,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(query grid, key grid, pooling kernel) of an attention source."""
-    from ..viz import key_grid
+    """(query grid, key grid, pooling kernel) of an attention source: a cache's own, else
+    the given ones, with the image's grid as the default query grid."""
+    from ..viz import _grids, _is_cache
 
-    if hasattr(source, "attention_rows"):  # a forward cache knows its grids
-        spatial = tuple(source.input_shape[2:]) if spatial is None else spatial
-        key_spatial = tuple(source.key_shape) if key_spatial is None else key_spatial
-        sub_sample = getattr(getattr(source, "cfg", None), "sub_sample", None)
-        if kernel is None and sub_sample is not None:
-            kernel = tuple(sub_sample)
-    if spatial is None:
+    if spatial is None and not _is_cache(source):
         if image_spatial is None:
             raise ValueError("give the image, or the query grid spatial=(h, w) or (T, h, w)")
         spatial = image_spatial
-    spatial = tuple(int(s) for s in spatial)
-    _, n, n_keys = analysis.attention_shape(source)
-    if math.prod(spatial) != n:
-        raise ValueError(
-            f"the attention has N={n} queries but the query grid {spatial} has "
-            f"{math.prod(spatial)}; pass spatial="
-        )
-    keys, kern = key_grid(spatial, n_keys, key_spatial=key_spatial, kernel=kernel)
-    return spatial, keys, kern
+    return _grids(source, spatial, key_spatial, kernel)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -248,6 +236,14 @@ def _host_vector(values: Any, batch: int, n_keys: int, name: str) -> np.ndarray:
     return v
 
 
+def _row_blocks(rows: Any) -> tuple[int, int]:
+    """(rows per block, number of blocks) in which a layer's rows are read: about
+    :data:`nlref.analysis.BLOCK_BYTES` of float64 a block."""
+    b, n, n_keys = analysis.attention_shape(rows)
+    step = max(1, analysis.BLOCK_BYTES // (8 * b * n_keys))
+    return step, math.ceil(n / step)
+
+
 def _encode_layer(
     name: str,
     layer: Layer,
@@ -261,11 +257,10 @@ def _encode_layer(
     dependence = math.nan
     maps = dict(layer.maps)
     if layer.rows is not None:
-        b, n, _ = analysis.attention_shape(layer.rows)
+        b, _, _ = analysis.attention_shape(layer.rows)
         if not 0 <= batch < b:
             raise ValueError(f"batch={batch} outside [0, B={b})")
-        step = max(1, analysis.BLOCK_BYTES // (8 * b * n_keys))
-        blocks = math.ceil(n / step)
+        step, blocks = _row_blocks(layer.rows)
         summary = analysis.summarise(layer.rows, rows_per_block=step)
         advance(2 * blocks)
         host = {k: to_numpy(getattr(summary, k))[batch] for k in ("entropy", "distance")}
@@ -477,10 +472,7 @@ def explore(
     top_k = min(top_k, n_keys)
     frames, pixels = _as_frames(image, q_grid)
     max_side = MAX_FRAME_SIDE if len(q_grid) == 3 else MAX_IMAGE_SIDE
-    with_rows = [la for la in layers.values() if la.rows is not None]
-    n = math.prod(q_grid)
-    step = max(1, analysis.BLOCK_BYTES // (8 * n_keys))
-    total = sum(3 * math.ceil(n / step) for _ in with_rows)
+    total = sum(3 * _row_blocks(la.rows)[1] for la in layers.values() if la.rows is not None)
     entries, dependence = [], {}
     with progress_bar(total=total, desc="explorer", unit="block", enabled=progress) as bar:
         for name, layer in layers.items():
@@ -528,13 +520,18 @@ def _as_layers(attention: Any) -> dict[str, Layer]:
     }
 
 
-def estimate_bytes(n: int, n_keys: int, layers: int = 1) -> int:
+def estimate_bytes(n: int, n_keys: int, layers: int = 1, *, top_k: int = 5) -> int:
     """An upper bound on the page's size for N queries, N′ keys and ``layers`` layers.
 
-    One byte a (query, key) pair before compression, in base64, plus about 80 bytes of
-    per-query numbers a layer, plus 0.5 MB for the picture and the code.
+    Per layer, in base64 (4/3 of the bytes): one byte a (query, key) pair (deflate adds
+    at most a few bytes per 64 KiB to data it cannot compress); per query its lo and hi
+    (float64), entropy and distance (float32) and ``top_k`` keys (a 16-bit index, 32-bit
+    above 2¹⁶ keys, and a float32 weight); per key its two maps (float64). Plus 0.5 MiB
+    for the picture and the code.
     """
-    return math.ceil(layers * (n * n_keys * 4 / 3 + 80 * n)) + 2**19
+    index = 2 if n_keys <= 2**16 else 4
+    per_layer = n * n_keys * (1 + 2**-12) + n * (24 + top_k * (index + 4)) + 16 * n_keys
+    return math.ceil(layers * per_layer * 4 / 3) + 2**19
 
 
 def _variants(pairwise: str | Sequence[str]) -> list[str]:
@@ -567,7 +564,8 @@ def from_image(
 
     Parameters
     ----------
-    image : array (H, W, 3) or path
+    image : array (H, W), (H, W, 3) or (H, W, 4), or path
+        Floats in [0, 1], or integers (uint8, uint16) scaled by their type's maximum.
         Coordinates in the page are this image's pixels.
     pairwise : str or sequence of str
         A variant name, several, or "all".
@@ -598,15 +596,16 @@ def from_image(
 def image_features(
     image: Array | str | Path, size: int, position_weight: float
 ) -> tuple[np.ndarray, Any, int]:
-    """An image (array or file) as float64, its colour + position features on a grid of at
-    most ``size`` cells a side (:func:`nlref.demo.photo.pixel_features`), and the
+    """An image (array or file) as RGB in [0, 1] (:func:`nlref.demo.photo.as_rgb`: integer
+    images are divided by their type's maximum), its colour + position features on a grid
+    of at most ``size`` cells a side (:func:`nlref.demo.photo.pixel_features`), and the
     downsampling factor (pixels per cell)."""
     from ..demo import photo
 
     if isinstance(image, (str, Path)):
         image = photo.load_image(image)
-    image = np.asarray(to_numpy(image), dtype=np.float64)
-    small, factor = photo.downsample(photo.as_rgb(image), size)
+    image = photo.as_rgb(np.asarray(to_numpy(image)))
+    small, factor = photo.downsample(image, size)
     return image, photo.pixel_features(small, position_weight=position_weight), factor
 
 
@@ -652,7 +651,7 @@ def from_clip(
 
     if clip is None:
         clip, _ = photo.synthetic_clip()
-    frames = np.asarray(to_numpy(clip), dtype=np.float64)
+    frames = np.asarray(to_numpy(clip))
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected a clip of shape (T, H, W, 3), got {frames.shape}")
     frames = np.stack([photo.as_rgb(f) for f in frames])
