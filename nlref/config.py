@@ -73,10 +73,10 @@ class NonLocalConfig:
     def __post_init__(self) -> None:
         from .pairwise import get as _get_pairwise  # late import: the registry imports layers
 
-        object.__setattr__(self, "in_channels", _positive_int("in_channels", self.in_channels))
+        object.__setattr__(self, "in_channels", positive_int("in_channels", self.in_channels))
         if self.inter_channels is None:
             object.__setattr__(self, "inter_channels", max(self.in_channels // 2, 1))
-        inter = _positive_int("inter_channels", self.inter_channels)
+        inter = positive_int("inter_channels", self.inter_channels)
         object.__setattr__(self, "inter_channels", inter)
 
         variant = _get_pairwise(self.pairwise)  # raises ValueError listing the names
@@ -111,9 +111,7 @@ class NonLocalConfig:
             raise ValueError(f"pool_order must be one of {POOL_ORDERS}, got {self.pool_order!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        eps = _real("bn_eps", self.bn_eps, "a finite positive float")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"bn_eps must be a finite positive float, got {_show(self.bn_eps)}")
+        eps = positive_float("bn_eps", self.bn_eps)
         momentum = _real("bn_momentum", self.bn_momentum, "a float in [0, 1]")
         if not 0 <= momentum <= 1:
             raise ValueError(
@@ -208,7 +206,15 @@ def _real(name: str, value: object, expected: str) -> float:
         return math.inf
 
 
-def _positive_int(name: str, value: object) -> int:
+def positive_float(name: str, value: object) -> float:
+    """``value`` as a finite positive Python float: any real number but a bool."""
+    number = _real(name, value, "a finite positive float")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite positive float, got {_show(value)}")
+    return number
+
+
+def positive_int(name: str, value: object) -> int:
     """``value`` as a Python int >= 1: a Python or NumPy int, but not a bool."""
     if not is_integer(value):
         raise TypeError(f"{name} must be an int, got {_show(value)}")

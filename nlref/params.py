@@ -19,13 +19,13 @@ A ``<layer>.bias`` key exists exactly when ``layer`` is in ``cfg.biases``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ._backend import Array, check_plain_array, namespace, namespace_of_mapping
-from .config import NonLocalConfig
+from .config import BIAS_LAYERS, NonLocalConfig
 from .pairwise import get as get_pairwise
 
 __all__ = [
@@ -153,22 +153,38 @@ def init_params(
     dict
         Name -> array, with the keys of :func:`param_shapes`.
     """
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+    def draw(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return draw_param(name, shape, cfg, gen, scheme, weight_std)
+
+    return new_params(param_shapes(cfg), draw, scheme=scheme, dtype=dtype, xp=xp, device=device)
+
+
+def new_params(
+    shapes: Mapping[str, tuple[int, ...]],
+    draw: Callable[[str, tuple[int, ...]], np.ndarray],
+    *,
+    scheme: str,
+    dtype: str,
+    xp: Any,
+    device: Any,
+) -> dict[str, Array]:
+    """Check ``scheme`` and ``dtype``, draw every parameter of ``shapes`` on the host with
+    ``draw(name, shape)``, in order, and move them to ``xp`` (default NumPy) in ``dtype``."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    host = {name: draw(name, shape) for name, shape in shapes.items()}
     if xp is None:
         xp = namespace(np.empty(0))
-    host: dict[str, np.ndarray] = {}
-    for name, shape in param_shapes(cfg).items():
-        host[name] = _draw(name, shape, cfg, gen, scheme, weight_std)
     target = getattr(xp, dtype)
     kwargs = {} if device is None else {"device": device}
     return {name: xp.asarray(value, dtype=target, **kwargs) for name, value in host.items()}
 
 
-def _draw(
+def draw_param(
     name: str,
     shape: tuple[int, ...],
     cfg: NonLocalConfig,
@@ -176,6 +192,8 @@ def _draw(
     scheme: str,
     weight_std: float,
 ) -> np.ndarray:
+    """One parameter of the block on the host, by :func:`init_params`' ``scheme``; any
+    other 1×1 projection ``<layer>.weight``, ``<layer>.bias`` is drawn as θ's."""
     layer, kind = name.split(".", 1)
     if scheme == "random":
         if kind == "weight" and layer == "bn":
@@ -207,6 +225,21 @@ def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> 
     ValueError
         If a parameter is missing, unexpected, or mis-shaped. The message names it.
     """
+    described = f"cfg (pairwise={cfg.pairwise!r}, norm={cfg.norm!r})"
+    return check_against(params, param_shapes(cfg), cfg, described, x)
+
+
+def check_against(
+    params: Mapping[str, Array],
+    expected: Mapping[str, tuple[int, ...]],
+    cfg: Any,
+    described: str,
+    x: Array,
+) -> Any:
+    """:func:`check_params` for any block: ``params`` has exactly the names of ``expected``,
+    each a plain array of that shape and of x's library and dtype. ``cfg`` (its
+    ``in_channels``, ``inter_channels`` and, where it has them, ``biases``) and
+    ``described`` (how the messages name it) only word the errors."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
     not_names = [key for key in params if not isinstance(key, str)]
@@ -215,7 +248,6 @@ def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> 
             f"params keys must be parameter names (str, e.g. 'theta.weight'), got {not_names[0]!r} "
             f"({type(not_names[0]).__name__})"
         )
-    expected = param_shapes(cfg)
     missing = [n for n in expected if n not in params]
     unexpected = [n for n in params if n not in expected]
     if missing or unexpected:
@@ -225,10 +257,11 @@ def check_params(params: Mapping[str, Array], cfg: NonLocalConfig, x: Array) -> 
         if unexpected:
             parts.append(f"unexpected {unexpected}")
         hint = ""
-        if any(n.endswith(".bias") for n in missing + unexpected):
+        layers = {n.split(".")[0] for n in missing + unexpected if n.endswith(".bias")}
+        if hasattr(cfg, "biases") and layers & set(BIAS_LAYERS):
             hint = f" (cfg.biases={cfg.biases} decides which layers have a bias)"
         raise ValueError(
-            f"params do not match cfg (pairwise={cfg.pairwise!r}, norm={cfg.norm!r}): "
+            f"params do not match {described}: "
             + "; ".join(parts)
             + f"{hint}. Expected exactly {list(expected)}"
         )

@@ -119,3 +119,30 @@ def test_attention_pool_weights_are_one_softmax_row() -> None:
     np.testing.assert_allclose(c[..., 0], np.einsum("bn,bcn->bc", cache.weights[:, 0], X))
     flat, _ = attention_pool.forward(np.zeros_like(LOGITS), X)  # equal logits: the mean
     np.testing.assert_allclose(flat[..., 0], X.mean(axis=-1), atol=1e-15)
+
+
+def test_layernorm_float32_finite_up_to_float32_max() -> None:
+    """A column of C = 4 channels with σ² = 3e38 (finite in float32) has Σ(h − μ)² = 1.2e39
+    (not): the output and every gradient stay finite, with no overflow even in a temporary,
+    and match the same layer in float64. Columns with small variances share the input."""
+    variances = np.array([3e38, 1e37, 1e30, 1.0])  # one per position n
+    z = np.random.default_rng(3).standard_normal((2, 4, 4))
+    z -= z.mean(axis=1, keepdims=True)
+    z /= np.sqrt((z**2).mean(axis=1, keepdims=True))  # each column: mean 0, variance 1
+    spread = np.sqrt(variances)[None, None, :]
+    h = (z * spread + 0.5 * spread).astype(np.float32)
+    dout = RNG.standard_normal(h.shape).astype(np.float32)
+    gamma, beta = GAMMA[:4].astype(np.float32), BETA[:4].astype(np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        out, cache = layernorm.forward(h, gamma, beta, 1e-5)
+        grads = layernorm.backward(dout, cache)
+    deviations = h.astype(np.float64) - h.astype(np.float64).mean(axis=1, keepdims=True)
+    assert np.all(np.sum(deviations**2, axis=1)[:, 0] > np.finfo(np.float32).max)  # overflows
+    out64, cache64 = layernorm.forward(*(a.astype(np.float64) for a in (h, gamma, beta)), 1e-5)
+    grads64 = layernorm.backward(dout.astype(np.float64), cache64)
+    got = {"out": out, "dh": grads.dh, "dweight": grads.dweight, "dbias": grads.dbias}
+    want = {"out": out64, "dh": grads64.dh, "dweight": grads64.dweight, "dbias": grads64.dbias}
+    for name, value in want.items():
+        assert got[name].dtype == np.float32 and np.all(np.isfinite(got[name])), name
+        scale = float(np.max(np.abs(value)))
+        np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-5 * scale, err_msg=name)

@@ -171,13 +171,16 @@ def test_forward_and_backward_errors() -> None:
     cfg, params, x = _case("att", FUSIONS[0], 2)
     with pytest.raises(TypeError, match="cfg must be a GCNetConfig or a DNLConfig, got NonLocal"):
         gcnet.forward(x, params, nlref.NonLocalConfig(6))
-    with pytest.raises(ValueError, match=re.escape("missing ['mask.bias'], unexpected []")):
+    with pytest.raises(ValueError, match=re.escape("GCNetConfig: missing ['mask.bias']. Expected")):
         gcnet.forward(x, {n: v for n, v in params.items() if n != "mask.bias"}, cfg)
     bad = {**params, "mask.weight": np.zeros((6, 1))}
     with pytest.raises(ValueError, match=re.escape("'mask.weight' must have shape (1, 6)")):
         gcnet.forward(x, bad, cfg)
     with pytest.raises(TypeError, match="does not promote silently"):
         gcnet.forward(x.astype(np.float32), params, cfg)
+    masked = {**params, "mask.weight": np.ma.masked_array(params["mask.weight"])}
+    with pytest.raises(TypeError, match=re.escape("'mask.weight' is a numpy.ma.MaskedArray")):
+        gcnet.forward(x, masked, cfg)  # the Non-local block's checks, with its messages
     with pytest.raises(ValueError, match=re.escape("channel mismatch (5 != cfg.in_channels=6)")):
         gcnet.forward(x[:, :5], params, cfg)
     with pytest.raises(TypeError, match="training must be a bool, got 1"):

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 
-from ..config import BIAS_LAYERS, NonLocalConfig
+from ..config import BIAS_LAYERS, NonLocalConfig, positive_float, positive_int
 
 __all__ = ["FUSIONS", "POOLINGS", "DNLConfig", "GCNetConfig"]
 
@@ -57,11 +56,11 @@ class GCNetConfig:
     ln_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "in_channels", _positive_int("in_channels", self.in_channels))
+        object.__setattr__(self, "in_channels", positive_int("in_channels", self.in_channels))
         if self.inter_channels is None:
             object.__setattr__(self, "inter_channels", max(self.in_channels // 16, 1))
         object.__setattr__(
-            self, "inter_channels", _positive_int("inter_channels", self.inter_channels)
+            self, "inter_channels", positive_int("inter_channels", self.inter_channels)
         )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
@@ -76,7 +75,7 @@ class GCNetConfig:
                 f"fusion must name one or both of {FUSIONS}, got {tuple(self.fusion)!r}"
             )
         object.__setattr__(self, "fusion", tuple(f for f in FUSIONS if f in self.fusion))
-        object.__setattr__(self, "ln_eps", _positive_float("ln_eps", self.ln_eps))
+        object.__setattr__(self, "ln_eps", positive_float("ln_eps", self.ln_eps))
 
     def to_dict(self) -> dict[str, object]:
         """The fields as a JSON-ready dict; ``GCNetConfig(**d)`` rebuilds the config."""
@@ -127,7 +126,7 @@ class DNLConfig:
         block = NonLocalConfig(pairwise="embedded_gaussian", **shared)  # validates them all
         for name in _SHARED_FIELDS:  # the normalised values (C′ default, tuples, floats)
             object.__setattr__(self, name, getattr(block, name))
-        object.__setattr__(self, "temperature", _positive_float("temperature", self.temperature))
+        object.__setattr__(self, "temperature", positive_float("temperature", self.temperature))
         effective = self.effective_scale
         if not math.isfinite(effective):
             raise ValueError(
@@ -167,19 +166,3 @@ _SHARED_FIELDS = (
     "bn_momentum",
     "biases",
 )
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite positive float, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive float, got {value!r}")
-    return float(value)

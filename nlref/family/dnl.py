@@ -66,7 +66,7 @@ from ..block import (
     unembed,
     unproject,
 )
-from ..checks import check_dz
+from ..checks import check_cache, check_dz
 from ..layers import aggregate, attention_pool, maxpool, whiten
 from ..layers.aggregate import AggregateCache
 from ..layers.attention_pool import AttentionPoolCache
@@ -75,7 +75,7 @@ from ..layers.projection import ProjectionCache
 from ..layers.whiten import WhitenCache
 from ..pairwise import get as get_pairwise
 from .config import DNLConfig
-from .params import check_cache, check_forward, in_param_order
+from .params import check_forward, in_param_order
 
 __all__ = ["DNLCache", "backward", "forward"]
 

@@ -57,14 +57,14 @@ from dataclasses import dataclass, field
 
 from .._backend import Array
 from ..block import project, unproject
-from ..checks import check_dz
+from ..checks import check_cache, check_dz
 from ..layers import attention_pool, gate, global_pool, layernorm, relu
 from ..layers.attention_pool import AttentionPoolCache
 from ..layers.gate import GateCache
 from ..layers.layernorm import LayerNormCache
 from ..layers.projection import ProjectionCache
 from .config import GCNetConfig
-from .params import check_cache, check_forward, in_param_order
+from .params import check_forward, in_param_order
 
 __all__ = ["GCNetCache", "TransformCache", "backward", "forward"]
 

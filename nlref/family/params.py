@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import Array, namespace, namespace_of_mapping, new_array
+from .._backend import Array
 from ..checks import check_training, check_x
-from ..params import BUFFERS
-from ..params import init_params as init_block_params
+from ..params import BUFFERS, check_against, draw_param, new_params
 from ..params import param_shapes as block_param_shapes
 from .config import DNLConfig, GCNetConfig
 
 __all__ = [
-    "check_cache",
     "check_forward",
     "check_params",
     "in_param_order",
@@ -52,7 +50,7 @@ def param_shapes(cfg: FamilyConfig) -> dict[str, tuple[int, ...]]:
     the order of the gradients that the block's ``backward`` returns."""
     _check_config(cfg)
     c, ci = cfg.in_channels, cfg.inter_channels
-    mask = {"mask.weight": (1, c), "mask.bias": (1,)}
+    mask = _mask_shapes(cfg)
     if isinstance(cfg, DNLConfig):  # θ, φ, g, then the mask, then z and bn
         block = block_param_shapes(cfg.nonlocal_config)
         before = {n: s for n, s in block.items() if n.split(".")[0] in ("theta", "phi", "g")}
@@ -102,29 +100,22 @@ def init_params(
     dict
         Name -> array, with the keys of :func:`param_shapes`.
     """
+    _check_config(cfg)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    settings = {"scheme": scheme, "dtype": dtype, "xp": xp, "device": device}
     if isinstance(cfg, DNLConfig):  # the Non-local block's parameters, then w_m and b_m
-        block = init_block_params(
-            cfg.nonlocal_config, gen, dtype=dtype, xp=xp, device=device, scheme=scheme,
-            weight_std=weight_std,
-        )  # fmt: skip
-        paper = scheme == "paper"
-        std = weight_std if paper else 1.0 / np.sqrt(cfg.in_channels)
-        mask = {
-            "mask.weight": gen.normal(0.0, std, (1, cfg.in_channels)),
-            "mask.bias": np.zeros(1) if paper else gen.normal(0.0, 0.2, 1),
-        }
-        like = block["g.weight"]
-        on_device = {n: new_array(v, like) for n, v in mask.items()}
-        return in_param_order({**block, **on_device}, cfg)
-    if scheme not in ("paper", "random"):
-        raise ValueError(f"scheme must be one of ('paper', 'random'), got {scheme!r}")
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    host = {n: _draw_gcnet(n, shape, cfg, gen, scheme) for n, shape in param_shapes(cfg).items()}
-    xp = namespace(np.empty(0)) if xp is None else xp
-    kwargs = {} if device is None else {"device": device}
-    return {n: xp.asarray(v, dtype=getattr(xp, dtype), **kwargs) for n, v in host.items()}
+        block = cfg.nonlocal_config
+        shapes = {**block_param_shapes(block), **_mask_shapes(cfg)}
+
+        def draw(name: str, shape: tuple[int, ...]) -> np.ndarray:  # w_m, b_m as θ's
+            return draw_param(name, shape, block, gen, scheme, weight_std)
+
+        return in_param_order(new_params(shapes, draw, **settings), cfg)
+
+    def draw_gcnet(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return _draw_gcnet(name, shape, cfg, gen, scheme)
+
+    return new_params(param_shapes(cfg), draw_gcnet, **settings)
 
 
 def _draw_gcnet(
@@ -163,46 +154,17 @@ def check_forward(x: Array, params: Mapping[str, Array], cfg: FamilyConfig, trai
 def check_params(params: Mapping[str, Array], cfg: FamilyConfig, x: Array) -> Any:
     """``params`` has exactly the names of :func:`param_shapes`, each an array of that shape
     and of x's library and dtype; returns the shared array namespace."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
-    expected = param_shapes(cfg)
-    missing = [n for n in expected if n not in params]
-    unexpected = [n for n in params if n not in expected]
-    if missing or unexpected:
-        raise ValueError(
-            f"params do not match the {type(cfg).__name__}: missing {missing}, unexpected "
-            f"{unexpected}. Expected exactly {list(expected)}"
-        )
-    for name, shape in expected.items():
-        value = params[name]
-        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-            raise TypeError(f"parameter {name!r} must be an array, got {type(value).__name__}")
-        if tuple(value.shape) != shape:
-            raise ValueError(
-                f"parameter {name!r} must have shape {shape} "
-                f"(C={cfg.in_channels}, C′={cfg.inter_channels}), got {tuple(value.shape)}"
-            )
-    xp = namespace_of_mapping(x, dict(params))
-    wrong = [n for n in expected if params[n].dtype != x.dtype]
-    if wrong:
-        raise TypeError(
-            f"parameter {wrong[0]!r} has dtype {params[wrong[0]].dtype} but x has dtype "
-            f"{x.dtype}; nlref does not promote silently: cast the params or x so that they match"
-        )
-    return xp
-
-
-def check_cache(cache: Any, kind: type) -> None:
-    """The cache must be the one the block's ``forward`` returned."""
-    if not isinstance(cache, kind):
-        raise TypeError(
-            f"cache must be the {kind.__name__} returned by forward, got {type(cache).__name__}"
-        )
+    return check_against(params, param_shapes(cfg), cfg, f"the {type(cfg).__name__}", x)
 
 
 def trainable_names(cfg: FamilyConfig) -> tuple[str, ...]:
     """The names the block's ``backward`` returns gradients for (all but BN's buffers)."""
     return tuple(n for n in param_shapes(cfg) if n not in BUFFERS)
+
+
+def _mask_shapes(cfg: FamilyConfig) -> dict[str, tuple[int, ...]]:
+    """w_k, b_k (GCNet) or w_m, b_m (DNL): one logit per position."""
+    return {"mask.weight": (1, cfg.in_channels), "mask.bias": (1,)}
 
 
 def _no_pooling(cfg: GCNetConfig) -> Any:

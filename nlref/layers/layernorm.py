@@ -13,7 +13,11 @@ Forward
     \hat h = \frac{h - \mu}{\sqrt{\sigma^2 + \varepsilon}},\qquad
     o = \gamma\,\hat h + \beta.
 
-The variance is the mean of squared deviations, never E[h²] − E[h]².
+The variance is the mean of squared deviations, never E[h²] − E[h]², and is formed from
+the deviations scaled into [−1, 1] by the largest per column,
+:math:`s_{bn} = \max_c |h_{bcn} - \mu_{bn}|`, as batch norm does
+(:mod:`~nlref.layers.batchnorm`): :math:`\sigma^2 = s\,(s \cdot \frac1C \sum_c u_c^2)`
+with :math:`u = (h - \mu)/s`, so that no intermediate overflows while σ² itself is finite.
 
 Backward
 --------
@@ -63,7 +67,11 @@ def forward(
     xp = namespace(h, weight, bias)
     c = h.shape[1]
     centred = h - xp.mean(h, axis=1, keepdims=True)  # h - μ
-    var = xp.sum(centred * centred, axis=1, keepdims=True) / c  # σ², (B, 1, N)
+    # σ² (B, 1, N) from u = (h - μ) / s in [-1, 1]: Σ u² cannot overflow before σ² does
+    peak = xp.max(xp.abs(centred), axis=1, keepdims=True)  # s
+    peak = xp.where(peak > 0, peak, xp.ones_like(peak))  # all deviations 0: s = 1
+    scaled = centred / peak
+    var = peak * (peak * (xp.sum(scaled * scaled, axis=1, keepdims=True) / c))
     inv_std = 1.0 / xp.sqrt(var + eps)
     normalised = centred * inv_std
     out = weight[:, None] * normalised + bias[:, None]
