@@ -14,11 +14,13 @@ import importlib
 import os
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import pytest
 
 REQUIRED = {s.strip() for s in os.environ.get("NLREF_REQUIRE", "").split(",") if s.strip()}
 KNOWN_REQUIREMENTS = {"torch", "jax", "array_api_strict", "cupy"}
+KNOWN_REQUIREMENTS |= {"torch.cuda"}  # PyTorch with a CUDA device
 KNOWN_REQUIREMENTS |= {"mmcv", "pytorchvideo", "timm"}  # the real modules of the oracle tests
 KNOWN_REQUIREMENTS |= {"matplotlib", "jupytext"}  # nlref.viz, the notebooks
 KNOWN_REQUIREMENTS |= {"mmsegmentation"}  # the disentangled non-local block's real module
@@ -56,12 +58,25 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+#: the requirements that are a CUDA device, not only a module: how to see one
+CUDA_DEVICE = {
+    "cupy": lambda cupy: cupy.cuda.runtime.getDeviceCount() > 0,
+    "torch.cuda": lambda cuda: cuda.is_available(),
+}
+
+
 def require(name: str) -> Any:
-    """Import ``name``; skip the test if it is missing, or fail if NLREF_REQUIRE names it."""
+    """Import ``name``; skip the test if it is missing, or fail if NLREF_REQUIRE names it.
+
+    ``cupy`` and ``torch.cuda`` also need a visible CUDA device; a dotted name requires its
+    package first.
+    """
+    if "." in name:
+        require(name.partition(".")[0])
     try:
         module = importlib.import_module(name)
-        if name == "cupy" and module.cuda.runtime.getDeviceCount() < 1:
-            raise ImportError("CuPy is installed but no CUDA device is visible")
+        if name in CUDA_DEVICE and not CUDA_DEVICE[name](module):
+            raise ImportError(f"{name} is installed but no CUDA device is visible")
     except Exception as err:  # ImportError, or CUDA runtime errors from CuPy
         if name in REQUIRED:
             pytest.fail(f"{name} is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {err}")
@@ -76,26 +91,39 @@ BACKENDS = [
 ]
 
 
+def namespace(backend: str) -> Any:
+    """The array namespace of ``backend`` (array-api-compat's wrapper for NumPy and CuPy)."""
+    if backend == "numpy":
+        return array_api_compat.array_namespace(np.empty(0))
+    module = require(backend)
+    if backend == "cupy":
+        return array_api_compat.array_namespace(module.empty(0))
+    return module
+
+
 @pytest.fixture(params=BACKENDS)
 def xp(request: pytest.FixtureRequest) -> Any:
-    """The array namespace under test (array-api-compat's wrapper for NumPy and CuPy)."""
-    import array_api_compat
+    """The array namespace under test."""
+    return namespace(request.param)
 
-    if request.param == "numpy":
-        return array_api_compat.array_namespace(np.empty(0))
-    module = require(request.param)
-    if request.param == "cupy":
-        return array_api_compat.array_namespace(module.empty(0))
+
+@pytest.fixture(params=["numpy", "array_api_strict"])
+def cpu_xp(request: pytest.FixtureRequest) -> Any:
+    """The backends the engine's worker threads run on (CuPy, PyTorch and JAX arrays run
+    on the calling thread)."""
+    return namespace(request.param)
+
+
+def require_torch() -> Any:
+    """PyTorch, for the independent autograd reference, on one thread: the reference runs
+    on tiny tensors, where OpenMP's thread hand-off costs far more than it saves (and
+    stalls badly on a busy 2-core machine)."""
+    module = require("torch")
+    module.set_num_threads(1)
     return module
 
 
 @pytest.fixture
 def torch() -> Any:
-    """PyTorch, in float64, for the independent autograd reference.
-
-    One thread: the reference runs on tiny tensors, where OpenMP's thread hand-off costs
-    far more than it saves (and stalls badly on a busy 2-core machine).
-    """
-    module = require("torch")
-    module.set_num_threads(1)
-    return module
+    """PyTorch (see :func:`require_torch`)."""
+    return require_torch()

@@ -16,7 +16,7 @@ upstream gradient), forward + backward of a case, and the comparisons of two run
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +86,11 @@ def config(
     norm: str | None = "batchnorm",
     *,
     scale: Any = _DEFAULT,
-    kernel: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> nlref.NonLocalConfig:
-    """The config of a grid point: C → C′ channels, the pool of ``SPATIAL[dims]`` (or
-    ``kernel``) when ``sub`` pools, and :data:`SCALE` where the variant has a scale unless
-    ``scale`` is given. ``kwargs`` go to :class:`nlref.NonLocalConfig` (``biases``, ...)."""
+    """The config of a grid point: C → C′ channels, the pool of ``SPATIAL[dims]`` when
+    ``sub`` pools, and :data:`SCALE` where the variant has a scale unless ``scale`` is
+    given. ``kwargs`` go to :class:`nlref.NonLocalConfig` (``biases``, ...)."""
     pooled, order = SUB_SAMPLES[sub]
     if scale is _DEFAULT:
         scale = SCALE if uses_scale(pairwise) else None
@@ -100,7 +99,7 @@ def config(
         inter_channels=C_INTER,
         pairwise=pairwise,
         scale=scale,
-        sub_sample=(kernel or SPATIAL[dims][1]) if pooled else None,
+        sub_sample=SPATIAL[dims][1] if pooled else None,
         pool_order=order,
         norm=norm,
         **kwargs,
@@ -115,8 +114,6 @@ def make_case(
     *,
     batch: int = B,
     spatial: tuple[int, ...] | None = None,
-    kernel: tuple[int, ...] | None = None,
-    seed: str | None = None,
     dtype: str = "float64",
     xp: Any = None,
     **kwargs: Any,
@@ -124,14 +121,12 @@ def make_case(
     """A config, random non-degenerate params, a smooth x (batch, C, \\*S) and an upstream
     dz, on NumPy (``xp`` None) or ``xp`` (the same values).
 
-    ``spatial`` and ``kernel`` replace the grid's shape and pool; ``seed`` names the case
-    (its CRC seeds the generator; default: from the arguments); ``kwargs`` go to
-    :func:`config`.
+    ``spatial`` replaces the grid's shape (the pool stays that of its dimensionality); the
+    generator is seeded from the arguments; ``kwargs`` go to :func:`config`.
     """
     spatial = SPATIAL[dims][0] if spatial is None else spatial
-    cfg = config(pairwise, len(spatial), sub, norm, kernel=kernel, **kwargs)
-    if seed is None:
-        seed = f"{pairwise}-{sub}-{norm}-{batch}-{spatial}"
+    cfg = config(pairwise, len(spatial), sub, norm, **kwargs)
+    seed = f"{pairwise}-{sub}-{norm}-{batch}-{spatial}"
     rng = np.random.default_rng(zlib.crc32(seed.encode()))
     params, x = nlref.draw_smooth_case(cfg, (batch, C, *spatial), rng=rng, dtype=dtype)
     dz = rng.standard_normal((batch, C, *spatial)).astype(dtype)
@@ -195,6 +190,18 @@ def run(x: Any, dz: Any, params: dict[str, Any], cfg: Any, training: bool, **kw:
     return {"cache": cache, **{k: nlref.to_numpy(v) for k, v in out.items()}}
 
 
+def assert_path(cache: Any, chunk_size: int | None = None, threads: int = 1) -> None:
+    """``cache`` comes from the path asked for (a ``chunk_size`` below N): the reference's
+    for one tile and one thread, else the engine's, on ``threads`` threads, in tiles
+    exactly when ``chunk_size`` is given."""
+    if chunk_size is None and threads == 1:
+        assert isinstance(cache, nlref.BlockCache), type(cache).__name__
+        return
+    assert isinstance(cache, nlref.engine.EngineCache), type(cache).__name__
+    assert cache.threads == threads, f"ran on {cache.threads} threads, not {threads}"
+    assert cache.plan.materialised == (chunk_size is None), cache.plan
+
+
 def outputs(result: dict) -> list[str]:
     return [name for name in result if name != "cache"]
 
@@ -208,6 +215,15 @@ def assert_same(a: dict, b: dict, rtol: float, atol: float, msg: str = "") -> No
         np.testing.assert_allclose(
             a[name], b[name], rtol=rtol, atol=atol * scale, err_msg=f"{msg}: {name}"
         )
+
+
+def scales(want: dict[str, np.ndarray], gradients: Iterable[str]) -> dict[str, float]:
+    """What each output's tolerance is relative to: its largest |entry|; for the
+    ``gradients``, the largest entry of them all (a gradient that is 0 by construction is
+    rounding noise on both sides)."""
+    gradients = set(gradients)
+    grad_scale = max(float(np.max(np.abs(want[name]))) for name in gradients)
+    return {k: grad_scale if k in gradients else float(np.max(np.abs(v))) for k, v in want.items()}
 
 
 def assert_identical(a: dict, b: dict, msg: str = "") -> None:

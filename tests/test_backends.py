@@ -36,7 +36,7 @@ import nlref
 from nlref import engine
 
 from . import grid
-from .conftest import require
+from .conftest import require, require_torch
 
 CASES = grid.matrix()
 CHUNK = grid.N // 2  # the engine's path: two tiles of queries
@@ -55,8 +55,7 @@ class Library:
 
 
 def torch_library(device: str = "cpu") -> Library:
-    torch = require("torch")
-    torch.set_num_threads(1)  # tiny tensors: OpenMP's hand-offs cost more than they save
+    torch = require_torch()
     return Library(
         name="torch" if device == "cpu" else f"torch-{device}",
         asarray=lambda a: torch.tensor(a, device=device),
@@ -147,10 +146,7 @@ def run_block(x: Any, params: dict, dz: Any, case: grid.Case, **kw: Any) -> dict
     z, cache = nlref.forward(x, params, case.cfg, training=case.training, **kw)
     dx, grads = nlref.backward(dz, cache)
     assert list(grads) == list(nlref.trainable_names(case.cfg))
-    tiled = "chunk_size" in kw
-    assert isinstance(cache, engine.EngineCache if tiled else nlref.BlockCache)
-    if tiled:
-        assert not cache.plan.materialised and cache.threads == 1
+    grid.assert_path(cache, kw.get("chunk_size"))
     return block_outputs(z, cache, dx, grads)
 
 
@@ -169,19 +165,13 @@ def is_gradient(name: str) -> bool:
     return name == "dx" or name.startswith("grad ")
 
 
-def scales(want: dict[str, np.ndarray]) -> dict[str, float]:
-    """Each tensor's largest |entry|; for the gradients, the largest of all gradients."""
-    grad_scale = max(float(np.max(np.abs(v))) for k, v in want.items() if is_gradient(k))
-    return {k: grad_scale if is_gradient(k) else float(np.max(np.abs(v))) for k, v in want.items()}
-
-
 def assert_agrees(
     got: dict[str, Any], want: dict[str, np.ndarray], lib: Library, like: Any
 ) -> None:
     """Of ``lib``, on ``like``'s device, float64; equal to ``want`` to 1e-12 of the
     tensor's largest entry (of the largest gradient entry for the gradients)."""
     assert list(got) == list(want)
-    scale = scales(want)
+    scale = grid.scales(want, filter(is_gradient, want))
     for name, value in got.items():
         assert lib.is_array(value), f"{name} is a {type(value).__name__}"
         assert lib.device(value) == lib.device(like), name
@@ -234,7 +224,10 @@ def test_threads_refused(lib: Library) -> None:
     assert engine.plan(big, case.cfg, threads=1).threads == 1
 
 
-def test_jax_traces_the_whole_block(jax_x64: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("chunk_size", [None, CHUNK], ids=["reference", "tiled"])
+def test_jax_traces_the_whole_block(
+    chunk_size: int | None, jax_x64: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """jax.jit traces forward and backward, reference and tiles: every step is an array
     operation (a traced array has no values for NumPy or Python to read). Only the memory
     plan asks where x lives, which a traced array cannot say."""
@@ -245,13 +238,14 @@ def test_jax_traces_the_whole_block(jax_x64: Any, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(engine.memory, "available_memory", lambda a: None)
 
     def block(x: Any, params: dict, dz: Any) -> tuple[Any, ...]:
-        z, cache = nlref.forward(x, params, case.cfg, training=case.training, chunk_size=CHUNK)
+        z, cache = nlref.forward(x, params, case.cfg, training=case.training, chunk_size=chunk_size)
+        grid.assert_path(cache, chunk_size)
         dx, grads = nlref.backward(dz, cache)
         return z, dx, grads
 
     z, dx, grads = jax.jit(block)(x, params, dz)
     assert set(grads) == set(nlref.trainable_names(case.cfg))
-    scale = scales(want)
+    scale = grid.scales(want, filter(is_gradient, want))
     for name, value in [("z", z), ("dx", dx), *((f"grad {n}", g) for n, g in grads.items())]:
         assert array_api_compat.is_jax_array(value), name
         np.testing.assert_allclose(
@@ -259,10 +253,9 @@ def test_jax_traces_the_whole_block(jax_x64: Any, monkeypatch: pytest.MonkeyPatc
         )
 
 
+@pytest.mark.gpu
 def test_cuda_tensors_stay_on_the_device() -> None:
-    torch = require("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    require("torch.cuda")
     lib = torch_library("cuda")
     for case in [c for c in CASES if c.cfg.sub_sample is not None][::9]:
         want = numpy_result(case)

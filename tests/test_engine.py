@@ -15,8 +15,9 @@ it made itself. This file is the proof that the two compute the same thing:
 - the engine's backward passes float64 gradient checks on its own; it is deterministic,
   mutates nothing it was given, keeps float32; its runs and tiles are laid out as
   documented;
-- the reference path takes no engine options: neither the block's steps, nor the layers,
-  nor the variants have ``overwrite_input``, ``rows`` or the like.
+- the reference path takes no engine options: neither :mod:`nlref.block` (its forward,
+  backward and steps), nor the layers, nor the variants have ``chunk_size``, ``threads``,
+  ``overwrite_input``, ``rows`` or the like.
 
 The memory plan, the threads and the cost model have their own files
 (``test_engine_memory.py``, ``test_engine_threads.py``, ``test_engine_cost.py``).
@@ -24,7 +25,6 @@ The memory plan, the threads and the cost model have their own files
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import itertools
@@ -40,7 +40,6 @@ from nlref import engine
 from nlref.engine.inplace import RowStats
 
 from . import grid
-from .conftest import require
 from .grid import C_INTER, NORMS, SUB_SAMPLES, VARIANTS, N, assert_same, outputs, run
 
 # chunk_size: 1 (a tile per query), 4 (a ragged last tile of 2), N - 1 (a last tile of 1),
@@ -59,18 +58,9 @@ STRICT_THREAD_CHUNKS = ["ragged", "N-1", "N"]
 ROWS = [(0, N), (3, 17), (9, 11), (N - 1, N)]  # across the tiles' boundaries
 
 
-@pytest.fixture(params=["numpy", "array_api_strict"])
-def cpu_xp(request: pytest.FixtureRequest) -> Any:
-    """The backends threads run on (CuPy, PyTorch and JAX arrays run on the calling
-    thread)."""
-    if request.param == "numpy":
-        return array_api_compat.array_namespace(np.empty(0))
-    return require(request.param)
-
-
 def one_tile_plan(x: Any, cfg: nlref.NonLocalConfig) -> engine.Plan:
     """The plan of one tile (the attention materialised) and one thread."""
-    plan = dataclasses.replace(engine.plan(x, cfg, threads=1), threads=1)
+    plan = engine.plan(x, cfg, threads=1)
     assert plan.materialised and plan.n_tiles == 1 and not plan.uses_engine
     return plan
 
@@ -334,6 +324,7 @@ def test_same_bits_every_run_nothing_mutated(
     saved = {"x": x.copy(), "dz": dz.copy(), **{k: v.copy() for k, v in params.items()}}
     first = run(x, dz, params, cfg, True, threads=threads, chunk_size=chunk_size)
     z, cache = nlref.forward(x, params, cfg, threads=threads, chunk_size=chunk_size)
+    grid.assert_path(cache, chunk_size, threads)
     z_copy = z.copy()
     for _ in range(3):
         again = run(x, dz, params, cfg, True, threads=threads, chunk_size=chunk_size)
@@ -360,8 +351,7 @@ def test_float32_stays_float32(pairwise: str) -> None:
         for chunk_size in (None, 7):
             msg = f"B={batch} threads={threads} chunk_size={chunk_size}"
             got = run(x, dz, params, cfg, True, threads=threads, chunk_size=chunk_size)
-            if threads > 1:
-                assert got["cache"].threads == threads, msg
+            grid.assert_path(got["cache"], chunk_size, threads)
             for name in outputs(got):
                 assert got[name].dtype == np.float32, f"{msg}: {name} is {got[name].dtype}"
             assert got["cache"].attention_rows(2, 9).dtype == np.float32
@@ -442,23 +432,24 @@ def test_recomputed_tiles_keep_only_row_statistics(pairwise: str) -> None:
 
 # --- 6. the reference takes no engine options ----------------------------------------------
 
-ENGINE_OPTIONS = {"overwrite_input", "rows", "out", "inplace", "chunk_size", "threads"}
+ENGINE_OPTIONS = {
+    *["chunk_size", "memory_limit", "threads"],  # nlref.forward's, for the engine
+    *["overwrite_input", "inplace", "out", "rows"],  # work in place, part of the attention
+}
 
 
 def reference_functions() -> dict[str, Any]:
-    """The block's steps, every layer's forward and backward, and every variant's."""
-    found = {
-        f"block.{name}": getattr(nlref.block, name)
-        for name in [
-            *["embed", "embed_backward", "attend", "normalise", "normalise_backward"],
-            *["project", "unproject", "backward"],
-        ]
-    }
+    """The block's forward, backward and steps, every layer's functions, and every
+    variant's."""
+    modules = {"block": nlref.block}
     for module_info in pkgutil.iter_modules(nlref.layers.__path__):
-        module = importlib.import_module(f"nlref.layers.{module_info.name}")
+        name = module_info.name
+        modules[f"layers.{name}"] = importlib.import_module(f"nlref.layers.{name}")
+    found = {}
+    for prefix, module in modules.items():
         for name, fn in inspect.getmembers(module, inspect.isfunction):
             if fn.__module__ == module.__name__ and not name.startswith("_"):
-                found[f"layers.{module_info.name}.{name}"] = fn
+                found[f"{prefix}.{name}"] = fn
     for variant in nlref.pairwise.all_variants():
         found[f"{variant.name}.forward"] = variant.forward
         found[f"{variant.name}.backward"] = variant.backward
@@ -470,7 +461,9 @@ def reference_functions() -> dict[str, Any]:
 
 def test_reference_functions_take_no_engine_options() -> None:
     functions = reference_functions()
-    assert {"layers.softmax.forward", "embedded_gaussian.logits.forward"} <= set(functions)
+    expected = {"block.forward", "block.backward", "block.embed", "block.unproject"}
+    expected |= {"layers.softmax.forward", "embedded_gaussian.logits.forward"}
+    assert expected <= set(functions)
     for name, fn in functions.items():
         options = ENGINE_OPTIONS & set(inspect.signature(fn).parameters)
         assert not options, f"{name} takes engine options {sorted(options)}"

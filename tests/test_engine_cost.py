@@ -55,14 +55,16 @@ def assert_model_counts_the_products(
     monkeypatch: pytest.MonkeyPatch,
     **kw: Any,
 ) -> dict[str, int]:
-    """Run forward and backward with ``kw``; the model's forward, backward and recompute
-    FLOPs must be the products counted. Returns the model."""
+    """Run forward and backward with ``kw`` (``chunk_size`` below N: tiles); the model's
+    forward, backward and recompute FLOPs must be the products counted. Returns the
+    model."""
     counted = count_gemm_flops(monkeypatch)
     z, cache = nlref.forward(x, params, cfg, **kw)
     forward_flops = sum(counted)
     nlref.backward(np.ones_like(z), cache)
     total = sum(counted)
-    tiled = isinstance(cache, nlref.engine.EngineCache) and not cache.plan.materialised
+    tiled = kw.get("chunk_size") is not None
+    grid.assert_path(cache, kw.get("chunk_size"), kw.get("threads") or 1)
     model = cost.gemm_flops(cfg, tuple(x.shape), chunked=tiled)
     assert forward_flops == model["forward"]
     assert total == model["total"] == model["forward"] + model["backward"] + model["recompute"]

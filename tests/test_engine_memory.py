@@ -17,6 +17,7 @@ with it.
 from __future__ import annotations
 
 import math
+import sys
 import tracemalloc
 from typing import Any
 
@@ -208,11 +209,6 @@ def test_plan_respects_an_explicit_chunk_size_and_the_memory() -> None:
         memory.plan_tiles((1, 8, 100), 100, 4, 8, available=100)
 
 
-def test_available_memory_is_reported_for_host_arrays() -> None:
-    available = memory.available_memory(np.zeros(1))
-    assert available is None or available > 0
-
-
 # --- the plan knows the device --------------------------------------------------------------
 
 
@@ -293,13 +289,14 @@ def test_host_arrays_are_not_device_arrays(library: str) -> None:
     assert not memory.is_device_array(x)
     assert memory.chunk_memory(x) == memory.CHUNK_MEMORY
     available = memory.available_memory(x)
+    assert available is not None or sys.platform != "linux"  # Linux: /proc/meminfo
     assert available is None or available > 0
 
 
+@pytest.mark.gpu
 def test_cuda_tensors_are_device_arrays() -> None:
     torch = require("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    require("torch.cuda")
     x = torch.zeros((1, 2, 3), device="cuda")
     assert memory.is_device_array(x)
     assert memory.chunk_memory(x) == memory.CHUNK_MEMORY_GPU

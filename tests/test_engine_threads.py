@@ -35,14 +35,6 @@ from .conftest import require
 from .grid import C_INTER, C, assert_same, run
 
 
-@pytest.fixture(params=["numpy", "array_api_strict"])
-def cpu_xp(request: pytest.FixtureRequest) -> Any:
-    """The backends threads run on."""
-    if request.param == "numpy":
-        return array_api_compat.array_namespace(np.empty(0))
-    return require(request.param)
-
-
 def blas_threads() -> list[tuple[str, int]]:
     """Threads of the BLAS libraries nlref limits (NumPy's; a BLAS loaded later, such as
     PyTorch's, is not nlref's business)."""
@@ -73,13 +65,11 @@ def attention_functions(variant: Any, wrap: Any) -> Any:
     return dataclasses.replace(variant, **changes)
 
 
-def patch_variants(monkeypatch: pytest.MonkeyPatch, replace: Any) -> Any:
-    """Hand ``replace(variant)`` to the reference and to the engine; returns the real
-    lookup."""
+def patch_variants(monkeypatch: pytest.MonkeyPatch, replace: Any) -> None:
+    """Hand ``replace(variant)`` to the reference and to the engine."""
     real_get = nlref.pairwise.get
     monkeypatch.setattr(nlref.block, "get_pairwise", lambda name: replace(real_get(name)))
     monkeypatch.setattr(nlref.engine.run, "get_pairwise", lambda name: replace(real_get(name)))
-    return real_get
 
 
 # --- 1. the work runs on nlref's threads -----------------------------------------------------
@@ -417,4 +407,5 @@ def test_bound_workers_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
     bound = run(x, dz, params, cfg, True, threads=2)
     monkeypatch.setenv("NLREF_BIND_THREADS", "0")
     free = run(x, dz, params, cfg, True, threads=2)
+    grid.assert_path(bound["cache"], threads=2)
     grid.assert_identical(bound, free)

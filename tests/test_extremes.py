@@ -39,28 +39,11 @@ import nlref
 from nlref.layers import batchnorm
 
 from . import grid
+from .conftest import require_torch
 from .grid import NORMS, SUB_SAMPLES, VARIANTS, B, C, host
 from .torch_reference import torch_block
 
 SHAPE = grid.shape(2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_torch() -> Iterator[None]:
-    """The PyTorch reference runs on tiny tensors: one thread, restored afterwards.
-
-    With two threads, each of its small ops waits at an OpenMP barrier; on a busy CI
-    machine that made one reference call take 0.6 s instead of 1 ms.
-    """
-    try:
-        import torch
-    except ImportError:  # the tests that need torch fail or skip through the fixture
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -77,11 +60,6 @@ def finite_arithmetic() -> Iterator[None]:
 def make_cfg(pairwise: str, sub: str, norm: str | None, **kw: Any) -> nlref.NonLocalConfig:
     """A 2D grid config, unscaled: the expected logits below are xᵢᵀxⱼ themselves."""
     return grid.config(pairwise, 2, sub, norm, scale=None, **kw)
-
-
-def is_numpy(xp: Any) -> bool:
-    """The torch comparisons run once, on NumPy; the other backends are checked for finiteness."""
-    return xp is array_api_compat.array_namespace(np.empty(0))
 
 
 def run(
@@ -108,6 +86,7 @@ def assert_matches_torch(
     out: dict[str, np.ndarray], x: Any, params: dict[str, Any], cfg: Any, training: bool
 ) -> None:
     """Finite values agree with the PyTorch reference, relative to each tensor's scale."""
+    require_torch()
     dz = np.random.default_rng(1).standard_normal(tuple(x.shape))
     ref = torch_block(
         host(x), {n: host(v) for n, v in params.items()}, cfg, training=training, dz=dz
@@ -129,11 +108,11 @@ def assert_close(
     tensors relative to their own largest entry.
     """
     assert set(want) == set(got)
-    gradients = ["dx", *nlref.trainable_names(cfg)]
-    grad_scale = max(float(np.max(np.abs(want[n]))) for n in gradients)
+    scale = grid.scales(want, ["dx", *nlref.trainable_names(cfg)])
     for name, value in got.items():
-        scale = grad_scale if name in gradients else float(np.max(np.abs(want[name])))
-        np.testing.assert_allclose(value, want[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+        np.testing.assert_allclose(
+            value, want[name], rtol=rtol, atol=rtol * scale[name], err_msg=name
+        )
 
 
 # --- huge logits ---------------------------------------------------------------------
@@ -173,7 +152,7 @@ def test_gaussian_on_large_raw_x(dtype: str, logit: float, sub: str, norm_id: st
         # error of the attention
         rtol = max(1e-13, 64 * np.finfo(np.float64).eps * float(np.max(np.abs(logits))))
         np.testing.assert_allclose(attention, expected, rtol=rtol, atol=1e-300)
-        if is_numpy(xp):  # the reference once, not per backend
+        if array_api_compat.is_numpy_namespace(xp):  # the reference once, not per backend
             assert_matches_torch(out, x, params, cfg, training)
 
 
@@ -230,7 +209,7 @@ def test_identical_rows(pairwise: str, sub: str, norm_id: str, same_batch: bool,
         # BN sees zero variance: its output is β (up to rounding of the batch mean)
         beta = host(params["bn.bias"])[None, :, None, None]
         np.testing.assert_allclose(out["z"] - host(x), np.broadcast_to(beta, SHAPE), atol=1e-9)
-    if is_numpy(xp):
+    if array_api_compat.is_numpy_namespace(xp):
         assert_matches_torch(out, x, params, cfg, training)
 
 
@@ -258,7 +237,7 @@ def test_all_zero_input(
             np.testing.assert_array_equal(out["bn.weight"], np.zeros(C))  # Σ dz·x̂, x̂ = 0
     if not biases and norm is None:
         np.testing.assert_array_equal(out["z"], np.zeros(SHAPE))
-    if is_numpy(xp):
+    if array_api_compat.is_numpy_namespace(xp):
         assert_matches_torch(out, x, params, cfg, training)
 
 

@@ -147,7 +147,7 @@ def test_block_gradcheck_wrt_subset_and_jacobian_mode(xp):
 # --- the noise allowance is per argument ---------------------------------------------------
 
 
-def issue_case() -> tuple[nlref.NonLocalConfig, dict, np.ndarray]:
+def large_output_case() -> tuple[nlref.NonLocalConfig, dict, np.ndarray]:
     """The embedded Gaussian on an input scaled by 30 (C = 16, 6×6): the residual path
     makes z, and the rounding bound 8ε Σ|dz·z|/h, large (3.7e-5), while θ's bias has a
     gradient of about 1e-2."""
@@ -176,7 +176,7 @@ def test_small_wrong_gradient_cannot_hide_behind_a_large_output(mode):
     """θ's bias gradient 0.1 % off is caught, although the error (2.3e-5) is below the
     rounding bound of the whole output (3.7e-5): θ's bias moves the output far less than
     x does, and its own finite differences are accurate to about 1e-7."""
-    cfg, params, x = issue_case()
+    cfg, params, x = large_output_case()
     wrong = block_check(cfg, params, x, 1.001, wrt=["theta.bias"], mode=mode)
     report = wrong.args["theta.bias"]
     assert not wrong.ok and not report.passed
@@ -187,7 +187,7 @@ def test_small_wrong_gradient_cannot_hide_behind_a_large_output(mode):
 
 
 def test_every_gradient_of_the_large_case_passes():
-    cfg, params, x = issue_case()
+    cfg, params, x = large_output_case()
     result = block_check(cfg, params, x, 1.0)
     assert result.ok, str(result)
     assert list(result.args) == ["x", *nlref.trainable_names(cfg)]

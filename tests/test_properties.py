@@ -149,7 +149,6 @@ def test_attention_is_normalised_by_key_count(pairwise: str, sub: str, xp: Any) 
     theta, phi = np_theta_phi(host(x), hp, cfg)
     n_keys = phi.shape[-1]
     assert n_keys == grid.n_keys(sub)  # after pooling
-    assert n_keys == (math.prod(SPATIAL) if cfg.sub_sample is None else 2 * 2)
     if pairwise == "dot_product":
         unnormalised = cfg.effective_scale * np.einsum("bci,bcj->bij", theta, phi)
     elif pairwise == "concatenation":
@@ -223,13 +222,13 @@ def test_float32_in_float32_out(pairwise: str, sub: str, training: bool, xp: Any
     # float32 rounding error scales with the magnitude of what is summed, not with the result:
     # some gradients are exactly 0 in exact arithmetic (φ's bias under a softmax, g's bias
     # under training-mode BN), so their absolute tolerance comes from the gradients' scale
-    grad_scale = max(float(np.max(np.abs(host(want[k])))) for k in ["dx", *g64])
+    scale = grid.scales({k: host(v) for k, v in want.items()}, ["dx", *g64])
     for key, value in got.items():
         assert value.dtype == xp.float32, key
-        ref = host(want[key])
         assert want[key].dtype == xp.float64, key
-        scale = grad_scale if key == "dx" or key in g64 else float(np.max(np.abs(ref)))
-        np.testing.assert_allclose(host(value), ref, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+        np.testing.assert_allclose(
+            host(value), host(want[key]), rtol=1e-4, atol=1e-5 * scale[key], err_msg=key
+        )
 
 
 # --- no mutation; buffer updates --------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 from ..config import NonLocalConfig
-from ..layers.maxpool import output_size
 from ..pairwise import get as get_pairwise
 
 __all__ = ["gemm_flops"]
@@ -44,8 +43,7 @@ def gemm_flops(
     variant = get_pairwise(cfg.pairwise)
     b, c, *spatial = shape
     n = math.prod(spatial)
-    keys = spatial if cfg.sub_sample is None else output_size(tuple(spatial), cfg.sub_sample)
-    nk = math.prod(keys)
+    nk = math.prod(cfg.key_shape(spatial))
     ci = cfg.inter_channels
     before = cfg.sub_sample is not None and cfg.pool_order == "before_projection"
     key_positions = nk if before else n  # the key-side projections run on P(x) or on x

@@ -41,7 +41,6 @@ from typing import Any
 import array_api_compat
 
 from ..config import NonLocalConfig, optional_count
-from ..layers.maxpool import output_size
 from . import threads as threads_
 
 __all__ = [
@@ -177,8 +176,7 @@ def plan(
     """
     memory_limit = optional_count("memory_limit", memory_limit, "a positive int (bytes)")
     b, _, *spatial = x.shape
-    keys = spatial if cfg.sub_sample is None else output_size(tuple(spatial), cfg.sub_sample)
-    n, n_keys = math.prod(spatial), math.prod(keys)
+    n, n_keys = math.prod(spatial), math.prod(cfg.key_shape(spatial))
     # more threads than pieces of work (B·N query rows) change nothing: cap them there
     n_threads = min(threads_.resolve_threads(threads, x, b * n * n_keys), b * n)
     tiles = plan_tiles(
@@ -208,7 +206,7 @@ def plan(
 
 
 def _mib(n: float) -> str:
-    """Bytes in units that show the number (issue: "0.0 MiB" hid small values)."""
+    """Bytes in the largest unit that keeps the number visible (GiB, MiB, KiB, bytes)."""
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if n >= 2**20:

@@ -296,7 +296,7 @@ def _placement(runs: int) -> list[set[int] | None]:
 
     Why bind: after the process has slept (between two calls of a training loop, say),
     Linux wakes both workers on the CPU that woke them, and needs 10-20 ms to move one
-    away; measured on the 2-core machine, a forward after a 0.5 s pause took 25 ms
+    away; measured on a 2-core machine, a forward after a 0.5 s pause took 25 ms
     instead of 15 ms. Bound workers start on their own CPUs at once.
     """
     if not hasattr(os, "sched_getaffinity"):

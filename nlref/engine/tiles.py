@@ -182,7 +182,7 @@ def backward(dy: Array, cache: TiledAttention) -> tuple[Array, Array, Array, dic
     variant = cache.variant
 
     def backward_run(run: list[Tile]) -> tuple[list[Array], dict[Any, Any]]:
-        dtheta_tiles, sums = [], {}  # sums: batch range -> (dphi, dg); "extra" -> dextra
+        dtheta_tiles, sums = [], {}  # batch range -> {"dphi", "dg"}; "extra" -> dextra
         for tile in run:
             (b0, b1), (i0, i1) = tile.batch, tile.queries
             if cache.stored:
@@ -200,7 +200,7 @@ def backward(dy: Array, cache: TiledAttention) -> tuple[Array, Array, Array, dic
             else:  # (θ̄_{β,Q}, φ̄_{β,Q}, w̄) = variant.backward(Ā_{β,Q})
                 grads = variant.backward(dattention, state)
             dtheta_tiles.append(grads.dtheta)  # (b1 - b0, C', i1 - i0)
-            _accumulate(sums, tile.batch, (grads.dphi, dg))
+            _accumulate(sums, tile.batch, {"dphi": grads.dphi, "dg": dg})
             _accumulate(sums, "extra", grads.dextra)
         return dtheta_tiles, sums
 
@@ -209,25 +209,21 @@ def backward(dy: Array, cache: TiledAttention) -> tuple[Array, Array, Array, dic
     sums: dict[Any, Any] = {}
     for _, run_sums in runs:  # in run order: deterministic
         for key, value in run_sums.items():
-            _accumulate(sums, key, value if key == "extra" else (value[0], value[1]))
+            _accumulate(sums, key, value)
     batches = list(dict.fromkeys(tile.batch for tile in cache.tiles))  # ascending
-    dphi = join([sums[batch][0] for batch in batches], None)
-    dg = join([sums[batch][1] for batch in batches], None)  # (tuples are held as {0:, 1:})
+    dphi = join([sums[batch]["dphi"] for batch in batches], None)
+    dg = join([sums[batch]["dg"] for batch in batches], None)
     return dtheta, dphi, dg, sums.get("extra", {})
 
 
 def _accumulate(sums: dict[Any, Any], key: Any, value: Any) -> None:
-    """``sums[key] += value`` for an array, a tuple or a dict of arrays. On NumPy and CuPy
+    """``sums[key] += value`` for an array or a (nested) dict of arrays. On NumPy and CuPy
     the first value is copied (a variant's gradient may be any array) and the later ones
     are added in place into that copy; other arrays are added out of place."""
     if isinstance(value, dict):
         held = sums.setdefault(key, {})
         for name, array in value.items():
             _accumulate(held, name, array)
-    elif isinstance(value, tuple):
-        held = sums.setdefault(key, {})
-        for i, array in enumerate(value):
-            _accumulate(held, i, array)
     elif key not in sums:
         sums[key] = _copy(value) if inplace.owns_memory(value) else value
     elif inplace.owns_memory(sums[key]):
