@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import array_api_compat
 import numpy as np
@@ -73,15 +74,31 @@ def require(name: str) -> Any:
     """
     if "." in name:
         require(name.partition(".")[0])
-    try:
+
+    def load() -> Any:
         module = importlib.import_module(name)
         if name in CUDA_DEVICE and not CUDA_DEVICE[name](module):
             raise ImportError(f"{name} is installed but no CUDA device is visible")
-    except Exception as err:  # ImportError, or CUDA runtime errors from CuPy
-        if name in REQUIRED:
-            pytest.fail(f"{name} is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {err}")
-        pytest.skip(f"{name} not available: {err}")
-    return module
+        return module
+
+    return require_loaded(name, load)
+
+
+def require_loaded(name: str, load: Callable[[], Any]) -> Any:
+    """``load()``; if it raises (ImportError, a CUDA runtime error, a broken third-party
+    import), skip the test, or fail it where NLREF_REQUIRE names ``name``."""
+    try:
+        return load()
+    except Exception as err:
+        unavailable(name, str(err))
+
+
+def unavailable(name: str, why: str) -> NoReturn:
+    """Skip because ``name`` is not available (``why``), or fail where NLREF_REQUIRE names
+    it."""
+    if name in REQUIRED:
+        pytest.fail(f"{name} is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {why}")
+    pytest.skip(f"{name} not available: {why}")
 
 
 BACKENDS = [

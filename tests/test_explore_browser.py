@@ -27,7 +27,7 @@ import nlref
 from nlref import explore
 from nlref.explore import browser
 
-from .conftest import REQUIRED, require
+from .conftest import require, unavailable
 from .explore_pages import (
     BIG,
     BIG_LIMIT_BYTES,
@@ -49,10 +49,7 @@ def need_browser() -> None:
     if browser.chromium_path() is None:
         problems.append("no Chromium at /usr/bin/chromium (Debian: apt-get install chromium)")
     if problems:
-        message = "; ".join(problems)
-        if REQUIREMENT in REQUIRED:
-            pytest.fail(f"{REQUIREMENT} is required (NLREF_REQUIRE={sorted(REQUIRED)}): {message}")
-        pytest.skip(message)
+        unavailable(REQUIREMENT, "; ".join(problems))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,23 +28,13 @@ import pytest
 
 from nlref.family import DNLConfig, GCNetConfig
 
-from .conftest import REQUIRED, require
+from .conftest import require, require_loaded
 
 TOL = 1e-10
 FUSIONS = (("channel_add",), ("channel_mul",), ("channel_add", "channel_mul"))
 
 
 # ─── The real classes ─────────────────────────────────────────────────────────────────────
-
-
-def _required(name: str, load: Callable[[], Any]) -> Any:
-    """Like ``require``: a skip when missing, a failure when NLREF_REQUIRE names ``name``."""
-    try:
-        return load()
-    except Exception as err:
-        if name in REQUIRED:
-            pytest.fail(f"{name} is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {err}")
-        pytest.skip(f"{name} not available: {err}")
 
 
 def nlref_testing() -> Any:
@@ -57,20 +46,20 @@ def nlref_testing() -> Any:
 
 def mmcv_context_block() -> type:
     nlref_testing()
-    return _required("mmcv", lambda: importlib.import_module("mmcv.cnn").ContextBlock)
+    return require_loaded("mmcv", lambda: importlib.import_module("mmcv.cnn").ContextBlock)
 
 
 def timm_global_context() -> type:
     """timm's class, through ``load_timm`` (its package imports torchvision, which fails
     beside torch 2.13.0, CPU)."""
     load = nlref_testing().load_timm
-    return _required("timm", lambda: load("timm.layers.global_context").GlobalContext)
+    return require_loaded("timm", lambda: load("timm.layers.global_context").GlobalContext)
 
 
 def mmseg_dnl() -> type:
     """mmsegmentation's ``DisentangledNonLocal2d`` from the installed wheel (through
     ``load_mmseg_dnl``)."""
-    return _required("mmsegmentation", nlref_testing().load_mmseg_dnl)
+    return require_loaded("mmsegmentation", nlref_testing().load_mmseg_dnl)
 
 
 # ─── The check ────────────────────────────────────────────────────────────────────────────

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
 import nlref
 
-from .conftest import REQUIRED, require
+from .conftest import require, require_loaded
 
 TOL = 1e-10  # float64: forward and every gradient
 
@@ -34,12 +33,7 @@ def timm_nonlocal_attn() -> type:
     Like ``require``: skipped when timm is missing, a failure when NLREF_REQUIRE names it.
     """
     _, testing = torch_and_testing()
-    try:
-        return testing.load_timm_nonlocal_attn()
-    except Exception as err:
-        if "timm" in REQUIRED:
-            pytest.fail(f"timm is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {err}")
-        pytest.skip(f"timm not available: {err}")
+    return require_loaded("timm", testing.load_timm_nonlocal_attn)
 
 
 def zero_by_construction(cfg: nlref.NonLocalConfig, name: str, training: bool) -> bool:
