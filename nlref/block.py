@@ -188,31 +188,47 @@ def embed(
     kernel = cfg.sub_sample
     pool_first = kernel is not None and cfg.pool_order == "before_projection"
     embeds = get_pairwise(cfg.pairwise).embeds
-    pooled_x, pool_x = None, None
+    pooled = None  # P(x) (B, C, N') and its cache, made once for φ and g
     if kernel is not None and (pool_first or not embeds):
-        pooled_x, pool_x = maxpool.forward_flat(x, kernel, spatial)  # P(x), (B, C, N')
-
-    def key_side(layer: str) -> tuple[Array, EmbedCache]:  # φ or g
-        if pool_first:
-            u, proj_cache = project(layer, pooled_x, params)  # W P(x) + b
-            return u, EmbedCache(pool_before=pool_x, projected=proj_cache)
-        u, proj_cache = project(layer, x, params)  # W x + b
-        if kernel is None:
-            return u, EmbedCache(projected=proj_cache)
-        u, pool_cache = maxpool.forward_flat(u, kernel, spatial)  # P(W x + b)
-        return u, EmbedCache(projected=proj_cache, pool_after=pool_cache)
-
+        pooled = maxpool.forward_flat(x, kernel, spatial)
     if embeds:
         theta, theta_proj = project("theta", x, params)
         theta_cache = EmbedCache(projected=theta_proj)
-        phi, phi_cache = key_side("phi")
+        phi, phi_cache = embed_key("phi", x, params, cfg, spatial, pooled)
     else:  # the Gaussian: θ = x, φ = P(x)
         theta, theta_cache = x, EmbedCache()
         phi, phi_cache = x, EmbedCache()
-        if kernel is not None:
+        if pooled is not None:
+            pooled_x, pool_x = pooled
             phi, phi_cache = pooled_x, EmbedCache(pool_before=pool_x)
-    g, g_cache = key_side("g")
+    g, g_cache = embed_key("g", x, params, cfg, spatial, pooled)
     return theta, phi, g, (theta_cache, phi_cache, g_cache)
+
+
+def embed_key(
+    layer: str,
+    x: Array,
+    params: Mapping[str, Array],
+    cfg: NonLocalConfig,
+    spatial: tuple[int, ...],
+    pooled: tuple[Array, MaxPoolCache] | None = None,
+) -> tuple[Array, EmbedCache]:
+    """A key-side embedding (φ or g of :func:`embed`, DNL's unary logits), (B, C′, N′):
+    the projection ``layer`` of x at the key positions, P(W x + b), or W P(x) + b when
+    ``cfg.pool_order == "before_projection"`` (``pooled``: P(x) and its cache, when already
+    made), or W x + b without ``cfg.sub_sample``."""
+    kernel = cfg.sub_sample
+    if kernel is not None and cfg.pool_order == "before_projection":
+        if pooled is None:
+            pooled = maxpool.forward_flat(x, kernel, spatial)
+        pooled_x, pool_cache = pooled  # P(x), (B, C, N')
+        u, proj_cache = project(layer, pooled_x, params)  # W P(x) + b
+        return u, EmbedCache(pool_before=pool_cache, projected=proj_cache)
+    u, proj_cache = project(layer, x, params)  # W x + b
+    if kernel is None:
+        return u, EmbedCache(projected=proj_cache)
+    u, pool_cache = maxpool.forward_flat(u, kernel, spatial)  # P(W x + b)
+    return u, EmbedCache(projected=proj_cache, pool_after=pool_cache)
 
 
 def embed_backward(

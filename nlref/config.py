@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .layers.maxpool import output_size
+
 __all__ = ["BIAS_LAYERS", "NORMS", "POOL_ORDERS", "NonLocalConfig"]
 
 POOL_ORDERS = ("after_projection", "before_projection")
@@ -155,7 +157,7 @@ class NonLocalConfig:
         max-pool of ``sub_sample`` (floor), or ``spatial`` itself; N′ is its product."""
         if self.sub_sample is None:
             return tuple(spatial)
-        return tuple(s // k for s, k in zip(spatial, self.sub_sample, strict=True))
+        return output_size(tuple(spatial), self.sub_sample)
 
     @property
     def embeds(self) -> bool:

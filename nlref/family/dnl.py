@@ -60,6 +60,7 @@ from ..block import (
     attend,
     embed,
     embed_backward,
+    embed_key,
     normalise,
     normalise_backward,
     project,
@@ -67,7 +68,7 @@ from ..block import (
     unproject,
 )
 from ..checks import check_cache, check_dz
-from ..layers import aggregate, attention_pool, maxpool, whiten
+from ..layers import aggregate, attention_pool, whiten
 from ..layers.aggregate import AggregateCache
 from ..layers.attention_pool import AttentionPoolCache
 from ..layers.batchnorm import BatchNormCache
@@ -147,7 +148,8 @@ def forward(
     phi_hat, whiten_phi = whiten.forward(phi)  #    φ - μ_φ
     attention, attend_cache = attend(theta_hat, phi_hat, params, block)  # 3. (B, N, N')
     y_pair, aggregate_cache = aggregate.forward(attention, g)  # (B, C', N)
-    m, mask_cache = unary_logits(x_flat, params, cfg, tuple(spatial))  # 4. (B, 1, N')
+    # 4. the logits m (B, 1, N') of w_m, b_m at the key positions, pooled like φ and g
+    m, mask_cache = embed_key("mask", x_flat, params, block, tuple(spatial))
     y_unary, unary_cache = attention_pool.forward(m, g)  # (B, C', 1)
     h, project_cache = project("z", y_pair + y_unary, params)  # 5.
     o, bn_cache, updated = normalise(h, params, block, training)
@@ -184,22 +186,3 @@ def backward(dz: Array, cache: DNLCache) -> tuple[Array, dict[str, Array]]:
     dx_theta, dx_phi, dx_g = embed_backward((dtheta, dphi, dg_pair + dg_unary), caches, grads)
     dx = dz_flat + dx_theta + dx_phi + dx_g + dx_mask  # the five paths from x to z
     return xp.reshape(dx, cache.input_shape), in_param_order(grads, cache.cfg)
-
-
-# ─── The unary term's logits ──────────────────────────────────────────────────────────────
-
-
-def unary_logits(
-    x: Array, params: Mapping[str, Array], cfg: DNLConfig, spatial: tuple[int, ...]
-) -> tuple[Array, EmbedCache]:
-    """Step 4's logits m (B, 1, N′): w_mᵀx + b_m at the key positions, pooled like φ, g."""
-    kernel = cfg.sub_sample
-    if kernel is not None and cfg.pool_order == "before_projection":
-        pooled, pool_cache = maxpool.forward_flat(x, kernel, spatial)  # P(x)
-        m, mask_cache = project("mask", pooled, params)
-        return m, EmbedCache(pool_before=pool_cache, projected=mask_cache)
-    m, mask_cache = project("mask", x, params)  # w_mᵀ x + b_m, (B, 1, N)
-    if kernel is None:
-        return m, EmbedCache(projected=mask_cache)
-    m, pool_cache = maxpool.forward_flat(m, kernel, spatial)  # P(w_mᵀ x + b_m)
-    return m, EmbedCache(projected=mask_cache, pool_after=pool_cache)
