@@ -562,7 +562,7 @@ def _check_onnx(directory: Path, entry: Mapping[str, Any], result: CheckResult) 
         if not path.is_file():
             result.failures.append((name, f"missing file {entry['file']}/{rel}"))
             return
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if _sha256(path) != digest:
             result.failures.append((name, f"SHA-256 of {rel} differs from the manifest"))
     try:
         model = onnx.load(str(folder / "model.onnx"))

@@ -424,6 +424,15 @@ def _cell_centre(coord: Sequence[int], grid: Sequence[int], size: Sequence[int])
     return tuple((c + 0.5) * s / g for c, g, s in zip(coord, grid, size, strict=True))
 
 
+def _query_centre(
+    coord: Sequence[int], grid: Sequence[int], size: Sequence[int], pixel: Sequence[int] | None
+) -> tuple:
+    """Where a query is marked: the centre of the pixel it was chosen at, else of its cell."""
+    if pixel is None:
+        return _cell_centre(coord, grid, size)
+    return (pixel[0] + 0.5, pixel[1] + 0.5)
+
+
 def _mark_query(ax: Axes, row: float, col: float, scale: float) -> None:
     ax.plot(
         [col],
@@ -553,9 +562,7 @@ def plot_attention_2d(
         )  # fmt: skip
         coord = unravel(flat_index(q, spatial), spatial)
         pixel = None if query_pixels is None else tuple(query_pixels[j])
-        centre = _cell_centre(coord, spatial, size) if pixel is None else (
-            pixel[0] + 0.5, pixel[1] + 0.5)  # fmt: skip
-        _mark_query(ax, *centre, scale=panel_size / 3.0)
+        _mark_query(ax, *_query_centre(coord, spatial, size, pixel), scale=panel_size / 3.0)
         label = titles[j] if titles is not None else query_label(q, spatial, size, pixel=pixel)
         ax.set_title(label, fontsize=9)
         if colour_scale != "shared":
@@ -717,8 +724,7 @@ def plot_pairwise_comparison(
     extent = (0.0, float(size[1]), float(size[0]), 0.0)
     key_extent = _key_extent(spatial, keys, kernel, size)
     pixel = None if query_pixel is None else tuple(query_pixel)
-    centre = _cell_centre(coord, spatial, size) if pixel is None else (
-        pixel[0] + 0.5, pixel[1] + 0.5)  # fmt: skip
+    centre = _query_centre(coord, spatial, size, pixel)
     for ax, (name, att) in zip(axes, attentions.items(), strict=True):
         amap = attention_row(att, query, spatial, key_spatial=keys, batch=batch)
         shown = _overlay(

@@ -113,6 +113,8 @@ def _check_fits(cfg: Any, x_shape: tuple[int, ...], training: bool) -> None:
 
 def _family_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of the family's modules for ``make_module``, checked against --layout."""
+    from ..testing import FAMILY_LAYOUTS
+
     gcnet = args.layout in ("mmcv-gc", "timm-gc")
     given = {
         "--pooling": args.pooling is not None,
@@ -120,7 +122,7 @@ def _family_options(args: argparse.Namespace) -> dict[str, Any]:
         "--temperature": args.temperature is not None,
     }
     allowed = ("--pooling", "--fusion") if gcnet else ("--temperature",)
-    allowed = allowed if args.layout in ("mmcv-gc", "timm-gc", "dnl") else ()
+    allowed = allowed if args.layout in FAMILY_LAYOUTS else ()
     wrong = [name for name, on in given.items() if on and name not in allowed]
     if wrong:
         owner = {"--pooling": "mmcv-gc, timm-gc", "--fusion": "mmcv-gc, timm-gc"}
@@ -128,7 +130,7 @@ def _family_options(args: argparse.Namespace) -> dict[str, Any]:
             f"{wrong[0]} is an option of --layout {owner.get(wrong[0], 'dnl')}, not of "
             f"--layout {args.layout}"
         )
-    if args.layout in ("mmcv-gc", "timm-gc", "dnl") and args.pairwise_given:
+    if args.layout in FAMILY_LAYOUTS and args.pairwise_given:
         raise CLIError(f"--layout {args.layout} has no --pairwise option")
     if gcnet:
         if args.sub_sample or args.norm != "default":
