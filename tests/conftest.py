@@ -70,10 +70,12 @@ def require(name: str) -> Any:
     """Import ``name``; skip the test if it is missing, or fail if NLREF_REQUIRE names it.
 
     ``cupy`` and ``torch.cuda`` also need a visible CUDA device; a dotted name requires its
-    package first.
+    package first. A submodule that is not a requirement of its own (``mmcv.cnn``) is its
+    package's: NLREF_REQUIRE=mmcv makes a broken ``mmcv.cnn`` a failure, not a skip.
     """
+    package = name.partition(".")[0]
     if "." in name:
-        require(name.partition(".")[0])
+        require(package)
 
     def load() -> Any:
         module = importlib.import_module(name)
@@ -81,7 +83,7 @@ def require(name: str) -> Any:
             raise ImportError(f"{name} is installed but no CUDA device is visible")
         return module
 
-    return require_loaded(name, load)
+    return require_loaded(name if name in KNOWN_REQUIREMENTS else package, load)
 
 
 def require_loaded(name: str, load: Callable[[], Any]) -> Any:
@@ -99,6 +101,15 @@ def unavailable(name: str, why: str) -> NoReturn:
     if name in REQUIRED:
         pytest.fail(f"{name} is required (NLREF_REQUIRE={sorted(REQUIRED)}) but: {why}")
     pytest.skip(f"{name} not available: {why}")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``nlref ARGV`` in this process: the exit status, stdout and stderr."""
+    from nlref import cli
+
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 BACKENDS = [

@@ -13,21 +13,15 @@ from typing import Any
 import pytest
 
 import nlref
-from nlref import cli, commands
+from nlref import commands
 from nlref import pairwise as registry
 from nlref.commands import gradcheck as gc
 from nlref.pairwise import PairwiseGrads
 
-from .conftest import require
+from .conftest import require, run_cli
 
 NAMES = registry.names()
 DEFAULT_CASES_PER_VARIANT_AND_DIM = 3  # sub_sample off, on with either pool order
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def table_rows(out: str) -> list[str]:
@@ -52,20 +46,20 @@ def header(out: str) -> list[str]:
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--version")
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0
     assert nlref.__version__ in out
 
 
 def test_no_subcommand_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys)
+    code, out, _ = run_cli(capsys)
     assert code == 2
     assert "usage: nlref" in out
     assert "gradcheck" in out
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gradcheck", "--help")
+    code, out, _ = run_cli(capsys, "gradcheck", "--help")
     assert code == 0
     for option in ("--pairwise", "--dims", "--full", "--backend", "--mode", "--json"):
         assert option in out
@@ -75,7 +69,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_default_run_passes_and_lists_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "gradcheck")
+    code, out, err = run_cli(capsys, "gradcheck")
     assert code == 0, out + err
     rows = table_rows(out)
     assert len(rows) == len(NAMES) * 3 * DEFAULT_CASES_PER_VARIANT_AND_DIM
@@ -88,7 +82,7 @@ def test_default_run_passes_and_lists_every_variant(capsys: pytest.CaptureFixtur
 
 
 def test_header_has_x_and_every_parameter(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gradcheck", "--dims", "1")
+    code, out, _ = run_cli(capsys, "gradcheck", "--dims", "1")
     assert code == 0
     cols = header(out)
     expected = ["x", "θ.w", "θ.b", "φ.w", "φ.b", "g.w", "g.b", "w_f", "z.w", "z.b", "γ", "β"]
@@ -99,7 +93,7 @@ def test_header_has_x_and_every_parameter(capsys: pytest.CaptureFixture[str]) ->
 
 def test_missing_tensors_are_dashes(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["gradcheck", "--pairwise", "gaussian", "--pairwise", "concatenation", "--dims", "1"]
-    code, out, _ = run(capsys, *argv)
+    code, out, _ = run_cli(capsys, *argv)
     assert code == 0
     cols = header(out)
     for row in table_rows(out):
@@ -114,7 +108,7 @@ def test_missing_tensors_are_dashes(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_columns_are_aligned(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gradcheck", "--dims", "2")
+    code, out, _ = run_cli(capsys, "gradcheck", "--dims", "2")
     assert code == 0
     lines = out.splitlines()
     rule = next(i for i, line in enumerate(lines) if line and set(line) == {"-"})
@@ -128,7 +122,7 @@ def test_columns_are_aligned(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_pairwise_and_dims_select(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gradcheck", "--pairwise", "concatenation", "--dims", "2")
+    code, out, _ = run_cli(capsys, "gradcheck", "--pairwise", "concatenation", "--dims", "2")
     assert code == 0
     rows = table_rows(out)
     assert len(rows) == DEFAULT_CASES_PER_VARIANT_AND_DIM
@@ -142,7 +136,7 @@ def test_pairwise_and_dims_select(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_pairwise_is_repeatable(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys, "gradcheck", "--pairwise", "gaussian", "--pairwise", "dot_product", "--dims", "1"
     )
     assert code == 0
@@ -151,14 +145,14 @@ def test_pairwise_is_repeatable(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unknown_pairwise_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "gradcheck", "--pairwise", "laplacian")
+    code, _, err = run_cli(capsys, "gradcheck", "--pairwise", "laplacian")
     assert code == 2
     assert "invalid choice" in err and "laplacian" in err
 
 
 @pytest.mark.parametrize("mode", ["elementwise", "jacobian"])
 def test_modes(capsys: pytest.CaptureFixture[str], mode: str) -> None:
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys, "gradcheck", "--pairwise", "embedded_gaussian", "--dims", "1", "--mode", mode
     )
     assert code == 0, out
@@ -168,7 +162,7 @@ def test_modes(capsys: pytest.CaptureFixture[str], mode: str) -> None:
 def test_full_grid(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "full.json"
     argv = ["gradcheck", "--full", "--pairwise", "dot_product", "--pairwise", "concatenation"]
-    code, out, _ = run(capsys, *argv, "--dims", "1", "--json", str(path))
+    code, out, _ = run_cli(capsys, *argv, "--dims", "1", "--json", str(path))
     assert code == 0, out
     cols = header(out)
     assert {"norm", "bias", "scale"} <= set(cols)
@@ -218,7 +212,7 @@ def test_iter_cases_refuses_no_scale_for_variants_without_one() -> None:
     ],
 )
 def test_bad_values_are_usage_errors(capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
-    code, out, err = run(capsys, "gradcheck", "--dims", "1", *bad)
+    code, out, err = run_cli(capsys, "gradcheck", "--dims", "1", *bad)
     assert code == 2
     assert out == ""  # refused before any case ran: no table, no fake failure
     assert len(err.strip().splitlines()) == 1, err
@@ -226,7 +220,7 @@ def test_bad_values_are_usage_errors(capsys: pytest.CaptureFixture[str], bad: li
 
 
 def test_the_table_says_what_its_cells_are(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1")
+    code, out, err = run_cli(capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1")
     assert code == 0
     assert "Each cell: the largest relative error" in out and "central differences" in out
     assert "Rounding noise" not in out  # the default tolerances are above the noise floor
@@ -239,7 +233,7 @@ def test_tolerances_below_the_noise_floor_are_explained(
 ) -> None:
     path = tmp_path / "tiny.json"
     argv = ["gradcheck", "--pairwise", "gaussian", "--dims", "1", "--json", str(path)]
-    code, out, _ = run(capsys, *argv, "--rtol", "1e-30", "--atol", "1e-30", "--quiet")
+    code, out, _ = run_cli(capsys, *argv, "--rtol", "1e-30", "--atol", "1e-30", "--quiet")
     assert code == 0
     rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
     assert all(r["noise_used"] > 1e-30 for r in rows)  # every case leaned on the noise
@@ -251,7 +245,7 @@ def test_tolerances_below_the_noise_floor_are_explained(
 
 
 def test_help_says_how_tiny_tolerances_are_treated(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gradcheck", "--help")
+    code, out, _ = run_cli(capsys, "gradcheck", "--help")
     assert code == 0
     text = " ".join(out.split())
     assert "noise floor are accepted, not refused" in text and "--quiet" in text
@@ -262,7 +256,9 @@ def test_help_says_how_tiny_tolerances_are_treated(capsys: pytest.CaptureFixture
 
 def test_json_rows(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "rows.json"
-    code, out, _ = run(capsys, "gradcheck", "--dims", "1", "2", "--seed", "3", "--json", str(path))
+    code, out, _ = run_cli(
+        capsys, "gradcheck", "--dims", "1", "2", "--seed", "3", "--json", str(path)
+    )
     assert code == 0
     doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["passed"] is True
@@ -291,7 +287,7 @@ def test_json_rows(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 
 def test_json_unwritable_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "no" / "such" / "dir" / "rows.json"
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1", "--json", str(bad)
     )
     assert code == 2
@@ -315,7 +311,7 @@ def test_wrong_backward_fails_with_tensor_named(
     variant = registry.get("dot_product")
     monkeypatch.setitem(registry._REGISTRY, "dot_product", _scaled_dtheta(variant))
     path = tmp_path / "rows.json"
-    code, out, _ = run(capsys, "gradcheck", "--dims", "1", "--json", str(path))
+    code, out, _ = run_cli(capsys, "gradcheck", "--dims", "1", "--json", str(path))
     assert code == 1
     cols = header(out)
     for line in table_rows(out):
@@ -349,7 +345,7 @@ def test_wrong_extra_gradient_fails_on_w_f(
 
     patched = dataclasses.replace(variant, backward=backward)
     monkeypatch.setitem(registry._REGISTRY, "concatenation", patched)
-    code, out, _ = run(capsys, "gradcheck", "--pairwise", "concatenation", "--dims", "2")
+    code, out, _ = run_cli(capsys, "gradcheck", "--pairwise", "concatenation", "--dims", "2")
     assert code == 1
     for line in table_rows(out):
         assert line.split()[-2:] == ["FAIL", "w_f"]
@@ -366,7 +362,7 @@ def test_exception_in_backward_is_an_error_row(
 
     patched = dataclasses.replace(variant, backward=backward)
     monkeypatch.setitem(registry._REGISTRY, "gaussian", patched)
-    code, out, _ = run(capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1")
+    code, out, _ = run_cli(capsys, "gradcheck", "--pairwise", "gaussian", "--dims", "1")
     assert code == 1
     assert all(line.split()[-1] == "ERROR" for line in table_rows(out))
     assert "RuntimeError: boom" in out
@@ -387,7 +383,7 @@ def test_degenerate_concatenation_draws_are_redrawn() -> None:
 
 
 def test_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "gradcheck", "--backend", "jax")
+    code, _, err = run_cli(capsys, "gradcheck", "--backend", "jax")
     assert code == 2
     assert "--backend" in err and "invalid choice" in err
 
@@ -403,7 +399,7 @@ def test_unavailable_backend_exits_2_with_a_message(
         return real_import(name, *args)
 
     monkeypatch.setattr(commands.importlib, "import_module", fake_import)
-    code, out, err = run(capsys, "gradcheck", "--backend", "array_api_strict")
+    code, out, err = run_cli(capsys, "gradcheck", "--backend", "array_api_strict")
     assert code == 2
     assert "backend 'array_api_strict' is not available" in err
     assert "pip install array-api-strict" in err
@@ -414,14 +410,14 @@ def test_cupy_without_cupy_exits_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
-    code, _, err = run(capsys, "gradcheck", "--backend", "cupy")
+    code, _, err = run_cli(capsys, "gradcheck", "--backend", "cupy")
     assert code == 2
     assert "backend 'cupy' is not available" in err
 
 
 def test_array_api_strict_backend(capsys: pytest.CaptureFixture[str]) -> None:
     require("array_api_strict")
-    code, out, _ = run(capsys, "gradcheck", "--backend", "array_api_strict", "--dims", "1")
+    code, out, _ = run_cli(capsys, "gradcheck", "--backend", "array_api_strict", "--dims", "1")
     assert code == 0, out
     assert "backend array_api_strict" in out
     assert len(table_rows(out)) == len(NAMES) * DEFAULT_CASES_PER_VARIANT_AND_DIM
@@ -430,7 +426,7 @@ def test_array_api_strict_backend(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.gpu
 def test_cupy_backend(capsys: pytest.CaptureFixture[str]) -> None:
     require("cupy")
-    code, out, _ = run(capsys, "gradcheck", "--backend", "cupy", "--dims", "1", "2")
+    code, out, _ = run_cli(capsys, "gradcheck", "--backend", "cupy", "--dims", "1", "2")
     assert code == 0, out
 
 

@@ -9,20 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nlref import cli
-
-from .conftest import require
+from .conftest import require, run_cli
 
 
 @pytest.fixture(autouse=True)
 def _matplotlib():
     require("matplotlib")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def written(out: str) -> list[Path]:
@@ -46,7 +38,7 @@ def images(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["png", "jpg"])
 def test_attention_writes_a_png(capsys, images, tmp_path, kind):
     out_png = tmp_path / "map.png"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys,
         "attention",
         str(images[kind]),
@@ -74,7 +66,7 @@ def test_attention_writes_a_png(capsys, images, tmp_path, kind):
 
 def test_attention_all_variants_one_file_per_query(capsys, images, tmp_path):
     out_png = tmp_path / "cmp.png"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys,
         "attention",
         str(images["png"]),
@@ -102,7 +94,7 @@ def test_attention_all_variants_one_file_per_query(capsys, images, tmp_path):
 
 def test_attention_default_out_is_next_to_the_cwd(capsys, images, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run(capsys, "attention", str(images["png"]), "--query", "1,1", "--size", "8")
+    code, out, _ = run_cli(capsys, "attention", str(images["png"]), "--query", "1,1", "--size", "8")
     assert code == 0
     assert written(out) == [Path("pic_attention.png")]
     assert (tmp_path / "pic_attention.png").is_file()
@@ -126,7 +118,7 @@ def test_attention_default_out_is_next_to_the_cwd(capsys, images, tmp_path, monk
     ],
 )
 def test_attention_usage_errors(capsys, images, args, match):
-    code, out, err = run(capsys, "attention", str(images["png"]), *args)
+    code, out, err = run_cli(capsys, "attention", str(images["png"]), *args)
     assert code == 2
     assert match in err
     assert len(err.strip().splitlines()) == 1  # one line, no traceback
@@ -136,10 +128,10 @@ def test_attention_usage_errors(capsys, images, args, match):
 def test_attention_scale_goes_to_the_variants_that_take_one(capsys, images, tmp_path):
     out_png = tmp_path / "s.png"
     args = ["--query", "1,1", "--size", "8", "--out", str(out_png), "--quiet"]
-    code, out, err = run(capsys, "attention", str(images["png"]), *args, "--scale", "2")
+    code, out, err = run_cli(capsys, "attention", str(images["png"]), *args, "--scale", "2")
     assert code == 0, err
     assert "scale α = 2" in out
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "attention", str(images["png"]), *args, "--pairwise", "concatenation"
     )
     assert code == 0, err
@@ -156,7 +148,7 @@ def test_attention_of_a_tiled_forward(capsys, tmp_path):
     rgb = np.stack([xx * 3, yy * 3, 255 - xx * 3], axis=-1).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "big.png")
     args = ["--query", "40,40", "--size", "80", "--out", str(tmp_path / "b.png"), "--quiet"]
-    code, out, err = run(capsys, "attention", str(tmp_path / "big.png"), *args)
+    code, out, err = run_cli(capsys, "attention", str(tmp_path / "big.png"), *args)
     assert code == 0, err
     assert "N=6400, N'=6400" in out
     line = next(s for s in out.splitlines() if "query 40,40" in s)
@@ -173,7 +165,7 @@ def test_attention_refuses_huge_inputs_up_front(capsys, tmp_path):
 
     Image.new("RGB", (512, 600), (30, 60, 90)).save(tmp_path / "photo.jpg")
     start = time.perf_counter()
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "attention", str(tmp_path / "photo.jpg"), "--query", "1,1", "--size", "2000"
     )
     seconds = time.perf_counter() - start
@@ -185,26 +177,26 @@ def test_attention_refuses_huge_inputs_up_front(capsys, tmp_path):
 
 
 def test_attention_bad_query_and_bad_file(capsys, images, tmp_path):
-    code, _, err = run(capsys, "attention", str(images["png"]), "--query", "1;2")
+    code, _, err = run_cli(capsys, "attention", str(images["png"]), "--query", "1;2")
     assert code == 2 and "expected Y,X" in err
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    code, _, err = run(capsys, "attention", str(bad), "--query", "1,1")
+    code, _, err = run_cli(capsys, "attention", str(bad), "--query", "1,1")
     assert code == 2 and "cannot read" in err
-    code, _, err = run(capsys, "attention", str(tmp_path / "none.png"), "--query", "1,1")
+    code, _, err = run_cli(capsys, "attention", str(tmp_path / "none.png"), "--query", "1,1")
     assert code == 2 and "no image file" in err
 
 
 def test_attention_without_matplotlib_says_what_to_install(capsys, images, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    code, _, err = run(capsys, "attention", str(images["png"]), "--query", "1,1")
+    code, _, err = run_cli(capsys, "attention", str(images["png"]), "--query", "1,1")
     assert code == 2
     assert "nlref[viz]" in err
 
 
 def test_demo_runs_the_tour(capsys, tmp_path):
     """The README's main job: gradient-check table, then the figures, paths printed."""
-    code, out, err = run(capsys, "demo", "--out", str(tmp_path / "tour"))
+    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "tour"))
     assert code == 0, out + err
     assert "gradient checks" in out and "PASS" in out
     for name in ("gaussian", "embedded_gaussian", "dot_product", "concatenation"):
@@ -229,7 +221,7 @@ def test_demo_runs_the_tour(capsys, tmp_path):
 
 @pytest.mark.parametrize("dpi", ["0", "-3", "5000"])
 def test_demo_bad_dpi_is_a_usage_error_before_any_work(capsys, tmp_path, dpi):
-    code, out, err = run(capsys, "demo", "--out", str(tmp_path / "never"), "--dpi", dpi)
+    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "never"), "--dpi", dpi)
     assert code == 2
     assert err.strip() == f"nlref demo: error: --dpi must be between 1 and 1000, got {dpi}"
     assert out == "" and not (tmp_path / "never").exists()
@@ -237,7 +229,7 @@ def test_demo_bad_dpi_is_a_usage_error_before_any_work(capsys, tmp_path, dpi):
 
 def test_demo_without_matplotlib_fails_clearly(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run(capsys, "demo", "--out", str(tmp_path))
+    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path))
     assert code == 2
     assert "pip install 'nlref[viz]'" in err
 
@@ -255,7 +247,7 @@ def test_demo_help_through_the_console_script():
 
 def test_explore_an_image_file(capsys, images, tmp_path):
     out_html = tmp_path / "page.html"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "explore", str(images["jpg"]), "--size", "16", "--out", str(out_html)
     )
     assert code == 0, err
@@ -269,7 +261,7 @@ def test_explore_an_image_file(capsys, images, tmp_path):
 def test_explore_the_sample_photo_and_the_clip(capsys, tmp_path):
     for source, grid in ((["--sample", "--size", "12"], "12x10"), (["--clip"], "6x24x24")):
         out_html = tmp_path / f"{source[0][2:]}.html"
-        code, out, err = run(
+        code, out, err = run_cli(
             capsys, "explore", *source, "--sub-sample", "2", "--pairwise", "gaussian",
             "--out", str(out_html),
         )  # fmt: skip
@@ -283,7 +275,7 @@ def test_explore_a_npy_clip(capsys, tmp_path):
 
     clip, _ = photo.synthetic_clip(frames=3, size=16)
     np.save(tmp_path / "frames.npy", clip)
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "explore", str(tmp_path / "frames.npy"), "--pairwise", "dot_product",
         "--out", str(tmp_path / "f.html"),
     )  # fmt: skip
@@ -303,7 +295,7 @@ def test_explore_a_npy_clip(capsys, tmp_path):
     ],
 )
 def test_explore_usage_errors(capsys, tmp_path, args, match):
-    code, out, err = run(capsys, "explore", *args)
+    code, out, err = run_cli(capsys, "explore", *args)
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1
     assert "wrote" not in out
@@ -311,5 +303,5 @@ def test_explore_usage_errors(capsys, tmp_path, args, match):
 
 def test_explore_bad_npy(capsys, tmp_path):
     np.save(tmp_path / "v.npy", np.zeros(5))
-    code, _, err = run(capsys, "explore", str(tmp_path / "v.npy"))
+    code, _, err = run_cli(capsys, "explore", str(tmp_path / "v.npy"))
     assert code == 2 and "expected an image (H, W, 3) or a clip" in err

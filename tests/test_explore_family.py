@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import nlref
-from nlref import analysis, cli, explore
+from nlref import analysis, explore
 from nlref.demo import family as demo_family
 from nlref.demo import photo
 
-from .conftest import require
+from .conftest import require, run_cli
 from .explore_pages import bound, decoded_rows, page_data, square_photo
 from .test_explore_browser import Watch, chromium  # noqa: F401  (the browser fixture)
 
@@ -79,26 +79,20 @@ def test_page_layers_maps_and_panels(family: str) -> None:
         explore.from_family(square_photo(), "se")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_the_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     require("matplotlib")
     out_path = tmp_path / "dnl.html"
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys, "explore", "--sample", "--family", "dnl", "--size", "16", "--out", str(out_path)
     )
     assert code == 0, out
     assert "dnl pairwise 0." in out and "dnl unary 0 (one map for every query)" in out
     assert [v["name"] for v in page_data(out_path.read_text())["variants"]][-1] == "dnl unary"
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "explore", "--sample", "--family", "gcnet", "--pairwise", "dot_product"
     )
     assert code == 2 and "leave out --pairwise" in err
-    code, _, err = run(capsys, "explore", "--clip", "--family", "dnl")
+    code, _, err = run_cli(capsys, "explore", "--clip", "--family", "dnl")
     assert code == 2 and "--family shows an image, not a clip" in err
 
 

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nlref import cli
 from nlref.family import DNLConfig, GCNetConfig
 from nlref.interop import LAYOUTS, Layout, mmseg_scale
 
-from .conftest import require
+from .conftest import require, run_cli
 from .test_family_real import (
     TOL,
     check,
@@ -225,12 +224,6 @@ def test_the_oracle_docs_family_snippets_run() -> None:
 # ─── The command line ─────────────────────────────────────────────────────────────────────
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize(
     ("argv", "module", "rows"),
     [
@@ -244,7 +237,7 @@ def test_compare_family_from_the_command_line(
     capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], module: str, rows: int
 ) -> None:
     mmcv_context_block(), timm_global_context(), mmseg_dnl()
-    code, out, _ = run(capsys, "compare", *argv)
+    code, out, _ = run_cli(capsys, "compare", *argv)
     assert code == 0, out
     assert f"nlref oracle: {module} (layout {argv[1]}, a randomised copy)" not in out
     assert f"nlref oracle: {module} (layout {argv[1]})" in out
@@ -257,7 +250,9 @@ def test_compare_dnl_sub_sample_reports_the_module_error(
 ) -> None:
     mmseg_dnl()
     path = tmp_path / "report.json"
-    code, out, _ = run(capsys, "compare", "--layout", "dnl", "--sub-sample", "--json", str(path))
+    code, out, _ = run_cli(
+        capsys, "compare", "--layout", "dnl", "--sub-sample", "--json", str(path)
+    )
     assert code == 1
     assert re.search(r"forward +g +g \(output\) .* ok", out)
     assert "module error in forward: RuntimeError: Expected size for first two dimensions" in out
@@ -285,5 +280,5 @@ def test_compare_family_usage_errors(
     capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
 ) -> None:
     mmcv_context_block(), timm_global_context(), mmseg_dnl()
-    code, _, err = run(capsys, "compare", *argv)
+    code, _, err = run_cli(capsys, "compare", *argv)
     assert code == 2 and message in err, err

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 
-from nlref import cli
 from nlref.bench import CASES, BenchCase, format_report, run_bench
 from nlref.bench.scaling import IMPLEMENTATIONS, plot_scaling, slope
 from nlref.bench.worker import Worker, WorkerError
 
-from .conftest import require
+from .conftest import require, run_cli
 
 TINY = [
     BenchCase("tiny-eg", "embedded_gaussian", (2, 8, 6, 5)),
@@ -27,12 +26,6 @@ TINY = [
         "tiny-concat", "concatenation", (2, 8, 4, 4), "torch_materialising", sub_sample=(2, 2)
     ),
 ]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def test_the_report_shows_ratios_and_the_floor_not_targets(report: dict) -> None
 
 
 def test_cli_lists_the_cases(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "bench", "--list")
+    code, out, _ = run_cli(capsys, "bench", "--list")
     assert code == 0
     for name in ("eg-1k", "concat-1k", "eg-16k"):
         assert name in out and CASES[name].default
@@ -103,7 +96,7 @@ def test_cli_lists_the_cases(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_bad_values_are_usage_errors(capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
-    code, out, err = run(capsys, "bench", *bad)
+    code, out, err = run_cli(capsys, "bench", *bad)
     assert code == 2
     assert out == ""  # refused before anything ran
     assert len(err.strip().splitlines()) == 1, err
@@ -147,7 +140,7 @@ def test_scaling_measures_plots_and_reports(
     png, doc = tmp_path / "scaling.png", tmp_path / "scaling.json"
     argv = ["bench", "--scaling", "--sizes", "6", "--chunk-size", "8", "--repeats", "1"]
     argv += ["--warmup", "0", "--threads", "1", "--out", str(png), "--json", str(doc)]
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(doc.read_text())
